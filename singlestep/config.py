@@ -1,0 +1,502 @@
+"""The run config: a strict schema, YAML loading, ``key=value`` overrides and validation.
+
+Every problem in a config is collected and reported at once, each naming its source (the file,
+or the override that set it) and its key path, with a did-you-mean suggestion for unknown keys.
+Component nodes (``model``, ``data``, ``optimizer``, ``scheduler``) are ``name:`` plus keyword
+arguments, checked against the builder's signature before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+
+from singlestep.errors import ConfigError, UserError
+from singlestep.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, Registry, load_builtins
+
+__all__ = [
+    "Config",
+    "Component",
+    "TrainerConfig",
+    "OutputConfig",
+    "load_config",
+    "parse_overrides",
+    "apply_overrides",
+    "config_to_dict",
+    "builder_kwargs",
+]
+
+ENGINES = ("auto", "eager", "compiled", "cuda_graph")
+
+
+@dataclass
+class Component:
+    """A registry key (or import path) plus the keyword arguments for its builder."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    """How the loop runs. Every field is a YAML key under ``trainer:``."""
+
+    # per_sample: one optimizer step per training sample (online SGD); minibatch: one per batch.
+    mode: Literal["per_sample", "minibatch"] = "per_sample"
+    epochs: int = 1
+    # Stop after this many optimizer steps even mid-epoch; null = run all epochs.
+    max_steps: int | None = None
+    # Samples per micro-batch in minibatch mode (per_sample mode is batch 1 by definition).
+    batch_size: int = 32
+    # Micro-batches summed into one optimizer step (minibatch mode only).
+    grad_accum_steps: int = 1
+    # Clip the global L2 norm of all grads to this; null = off. Pre-clip norm is always logged.
+    clip_grad_norm: float | None = None
+    # Clamp each grad element to [-v, v] before the norm clip; null = off.
+    clip_grad_value: float | None = None
+    # Skip (and count) steps whose loss or grads are not finite, so the optimizer never sees them.
+    # Costs one host read of a flag per step (a device sync on CUDA); false drops the check.
+    check_finite: bool = True
+    # Evaluate every N optimizer steps; null = at the end of each epoch (and always at the end).
+    eval_every: int | None = None
+    # Read device-side accumulators (one sync) and write a metrics line every N steps.
+    log_every: int = 1000
+    # tqdm progress bar; forced off when stdout is not a terminal.
+    progress: bool = True
+    # Which step engine runs the hot loop; see docs/performance.md.
+    engine: Literal["auto", "eager", "compiled", "cuda_graph"] = "eager"
+    # Per-sample steps run per compiled call by the compiled / cuda_graph engines.
+    chunk_size: int = 64
+    # Samples per forward pass during evaluation (memory vs speed; results are exact either way).
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes. Every field is a YAML key under ``output:``."""
+
+    # Parent folder; each run gets a sub-folder named <name>-<timestamp>.
+    dir: str = "runs"
+    # Exact run folder instead (must be new or empty: an existing run is never overwritten).
+    run_dir: str | None = None
+    # Save the trained weights as model.pt.
+    save_model: bool = True
+
+
+@dataclass
+class Config:
+    """One training run, as resolved from YAML and overrides."""
+
+    model: Component
+    data: Component
+    optimizer: Component
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    scheduler: Component | None = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # Optimizer node keys that the framework consumes (not passed to the optimizer class).
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    no_decay: bool = True
+    source: str = "<config>"
+
+
+TOP_LEVEL = ("name", "seed", "device", "model", "data", "optimizer", "scheduler", "trainer", "output")
+COMPONENTS: dict[str, tuple[Registry, int]] = {
+    # key -> (registry, number of leading runtime arguments that are not config keys)
+    "model": (MODELS, 1),  # meta
+    "data": (DATASETS, 1),  # device
+    "optimizer": (OPTIMIZERS, 1),  # params
+    "scheduler": (SCHEDULERS, 2),  # optimizer, total_steps
+}
+OPTIMIZER_RESERVED = {"param_groups": list, "no_decay": bool}
+_SKIP_PARAMS = {"self", "foreach", "differentiable", "fused", "capturable"}
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, but ``1e-3`` is a float: PyYAML follows YAML 1.1, where it is a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with the project's loader."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any, str]]:
+    """Parse ``key.path=value`` strings: split on the first ``=``, value parsed as YAML.
+
+    Returns:
+        ``(dotted_key, value, original_text)`` triples.
+    """
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}': expected key.path=value, e.g. optimizer.lr=1e-3")
+        try:
+            value = parse_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+        out.append((key, value, item))
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any, str]], origins: dict[str, str]) -> None:
+    """Set each override into the raw config mapping in place, recording where each key came from.
+
+    ``optimizer=adagrad`` (a scalar onto a component node) is short for ``optimizer.name=adagrad``.
+    """
+    for key, value, text in overrides:
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] in COMPONENTS and not isinstance(value, dict) and value is not None:
+            parts = [parts[0], "name"]
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and part in COMPONENTS and i == 0:
+                child = node[part] = {"name": child}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{'.'.join(parts[: i + 1])}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+        origins[".".join(parts)] = f"override '{text}'"
+
+
+# ----------------------------------------------------------------------------- type checking
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is inspect.Parameter.empty or tp is Any:
+        return "any value"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, typing.Sequence, __import__("collections.abc").abc.Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        inner = " or ".join(sorted({_describe(a) for a in args})) if args else "values"
+        return f"a list of {inner}"
+    if tp is type(None):
+        return "null"
+    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string", dict: "a mapping"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_type(value: Any, tp: Any) -> bool:
+    """Whether a YAML value fits an annotation; unknown annotations accept anything."""
+    if tp is inspect.Parameter.empty or tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(check_type(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (bool, str):
+        return isinstance(value, tp)
+    if tp in (dict,) or origin is dict:
+        return isinstance(value, dict)
+    if tp in (list, tuple) or origin in (list, tuple) or (origin and getattr(origin, "__name__", "") in ("Sequence", "Iterable")):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        if origin is tuple and args and Ellipsis not in args:
+            return len(value) == len(args) and all(check_type(v, a) for v, a in zip(value, args))
+        return all(any(check_type(v, a) for a in inner) for v in value) if inner else True
+    if isinstance(tp, type):
+        if tp.__module__.startswith("torch") and tp.__name__ == "Tensor":
+            return False  # YAML cannot produce a tensor; a union with float still matches
+        return isinstance(value, tp)
+    return True
+
+
+def _annotation_of(param: inspect.Parameter, hints: dict[str, Any]) -> Any:
+    tp = hints.get(param.name, param.annotation)
+    if isinstance(tp, str):
+        tp = inspect.Parameter.empty  # unresolvable string annotation: accept
+    if tp is inspect.Parameter.empty and param.default is not inspect.Parameter.empty:
+        default = param.default
+        if isinstance(default, bool):
+            return bool
+        if isinstance(default, float):
+            return float
+        if isinstance(default, int):
+            return int
+        if isinstance(default, str):
+            return str
+    return tp
+
+
+def builder_params(builder: Callable, n_runtime: int) -> list[tuple[inspect.Parameter, Any]]:
+    """The config-settable parameters of a builder or class: those after its runtime arguments."""
+    target = builder.__init__ if isinstance(builder, type) else builder
+    sig = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # annotations naming things that cannot be imported: check no types
+        hints = {}
+    params = [p for p in sig.parameters.values() if p.name != "self"]
+    settable = []
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in _SKIP_PARAMS:
+            continue
+        if i < n_runtime and p.kind is not p.KEYWORD_ONLY:
+            continue
+        settable.append((p, _annotation_of(p, hints)))
+    return settable
+
+
+def builder_kwargs(builder: Callable, n_runtime: int, given: dict[str, Any]) -> dict[str, Any]:
+    """The resolved keyword arguments: given values plus the YAML-representable defaults."""
+    out: dict[str, Any] = {}
+    for p, _ in builder_params(builder, n_runtime):
+        if p.name in given:
+            out[p.name] = given[p.name]
+        elif p.default is not inspect.Parameter.empty and _plain(p.default):
+            out[p.name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class _Problems:
+    def __init__(self, source: str, origins: dict[str, str]):
+        self.source, self.origins, self.items = source, origins, []
+
+    def add(self, key: str, message: str) -> None:
+        where = self.origins.get(key) or next(
+            (o for k, o in self.origins.items() if key.startswith(k + ".")), self.source
+        )
+        self.items.append(f"{where}: {key}: {message}")
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(options)})"
+
+
+def _check_section(raw: Any, cls: type, key: str, problems: _Problems) -> Any:
+    """Validate a plain dataclass section (trainer / output) and build it."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.add(key, f"expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    ok: dict[str, Any] = {}
+    for k, v in raw.items():
+        path = f"{key}.{k}"
+        if k not in hints:
+            problems.add(path, f"unknown key '{k}'{_suggest(str(k), names)}")
+        elif not check_type(v, hints[k]):
+            problems.add(path, f"expected {_describe(hints[k])}, got {v!r}")
+        else:
+            ok[k] = float(v) if hints[k] in (float, float | None) and isinstance(v, int) else v
+    return cls(**ok)
+
+
+def _check_component(raw: Any, key: str, problems: _Problems, required: bool) -> Component | None:
+    registry, n_runtime = COMPONENTS[key]
+    if raw is None:
+        if required:
+            problems.add(key, f"missing; give a {registry.kind}, e.g. '{key}: {{name: {registry.names()[0] if registry.names() else '...'}}}'")
+        return None
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        problems.add(key, f"expected a mapping with 'name:', got {raw!r}")
+        return None
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        problems.add(f"{key}.name", f"missing or not a string; registered {registry.kind}s: {', '.join(registry.names())}")
+        return None
+    try:
+        builder = registry.get(name)
+    except UserError as exc:
+        problems.add(f"{key}.name", str(exc))
+        return None
+    kwargs = {k: v for k, v in raw.items() if k != "name"}
+    if key == "optimizer":
+        for reserved, tp in OPTIMIZER_RESERVED.items():
+            if reserved in kwargs and not isinstance(kwargs[reserved], tp):
+                problems.add(f"{key}.{reserved}", f"expected {_describe(tp)}, got {kwargs[reserved]!r}")
+    settable = builder_params(builder, n_runtime)
+    by_name = {p.name: (p, tp) for p, tp in settable}
+    for k, v in kwargs.items():
+        path = f"{key}.{k}"
+        if key == "optimizer" and k in OPTIMIZER_RESERVED:
+            continue
+        if k not in by_name:
+            options = list(by_name) + (list(OPTIMIZER_RESERVED) if key == "optimizer" else [])
+            problems.add(path, f"unknown key '{k}' for {registry.kind} '{name}'{_suggest(str(k), options)}")
+            continue
+        tp = by_name[k][1]
+        if not check_type(v, tp):
+            problems.add(path, f"expected {_describe(tp)}, got {v!r}")
+    for p, _ in settable:
+        if p.default is inspect.Parameter.empty and p.name not in kwargs:
+            problems.add(f"{key}.{p.name}", f"required by {registry.kind} '{name}' but not given")
+    return Component(name=name, kwargs=kwargs)
+
+
+def validate(raw: Any, source: str, origins: dict[str, str] | None = None) -> Config:
+    """Turn a raw mapping into a :class:`Config`, raising one ConfigError listing every problem."""
+    load_builtins()
+    problems = _Problems(source, origins or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of keys, got {type(raw).__name__}")
+    for k in raw:
+        if k not in TOP_LEVEL:
+            problems.add(str(k), f"unknown key '{k}'{_suggest(str(k), list(TOP_LEVEL))}")
+    name = raw.get("name", "run")
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
+        problems.add("name", f"expected a run name of letters, digits, '.', '_', '+' or '-', got {name!r}")
+    seed = raw.get("seed", 0)
+    if not check_type(seed, int):
+        problems.add("seed", f"expected an integer, got {seed!r}")
+    device = raw.get("device", "auto")
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        problems.add("device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+    model = _check_component(raw.get("model"), "model", problems, required=True)
+    data = _check_component(raw.get("data"), "data", problems, required=True)
+    optimizer = _check_component(raw.get("optimizer"), "optimizer", problems, required=True)
+    scheduler = _check_component(raw.get("scheduler"), "scheduler", problems, required=False)
+    trainer = _check_section(raw.get("trainer"), TrainerConfig, "trainer", problems)
+    output = _check_section(raw.get("output"), OutputConfig, "output", problems)
+    _check_trainer_values(trainer, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    opt_kwargs = dict(optimizer.kwargs)
+    param_groups = opt_kwargs.pop("param_groups", None) or []
+    no_decay = opt_kwargs.pop("no_decay", True)
+    optimizer = Component(optimizer.name, opt_kwargs)
+    return Config(
+        model=model, data=data, optimizer=optimizer, name=name, seed=seed, device=device,
+        scheduler=scheduler, trainer=trainer, output=output, param_groups=param_groups,
+        no_decay=no_decay, source=source,
+    )  # fmt: skip
+
+
+def _check_trainer_values(t: TrainerConfig, problems: _Problems) -> None:
+    positive = {"epochs": t.epochs, "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps,
+                "log_every": t.log_every, "chunk_size": t.chunk_size, "eval_batch_size": t.eval_batch_size}  # fmt: skip
+    for key, value in positive.items():
+        if isinstance(value, int) and value < 1:
+            problems.add(f"trainer.{key}", f"must be >= 1, got {value}")
+    for key in ("max_steps", "eval_every"):
+        value = getattr(t, key)
+        if isinstance(value, int) and value < 1:
+            problems.add(f"trainer.{key}", f"must be >= 1 or null, got {value}")
+    for key in ("clip_grad_norm", "clip_grad_value"):
+        value = getattr(t, key)
+        if isinstance(value, (int, float)) and value <= 0:
+            problems.add(f"trainer.{key}", f"must be > 0 or null (off), got {value}")
+    if t.mode == "per_sample" and t.grad_accum_steps != 1:
+        problems.add("trainer.grad_accum_steps", "per_sample mode takes one step per sample; accumulation needs mode: minibatch")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, apply ``key=value`` overrides and validate.
+
+    Raises:
+        ConfigError: a missing or unparsable file, or any schema problem (all listed together).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read config ({exc.__class__.__name__}: {exc})") from None
+    try:
+        raw = parse_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    raw = {} if raw is None else raw
+    origins: dict[str, str] = {}
+    if overrides:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the config must be a mapping of keys")
+        apply_overrides(raw, parse_overrides(overrides), origins)
+    return validate(raw, source, origins)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The fully resolved config (defaults filled in) as plain YAML-ready data."""
+
+    def component(c: Component | None, key: str, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        if c is None:
+            return None
+        registry, n_runtime = COMPONENTS[key]
+        return {"name": c.name, **builder_kwargs(registry.get(c.name), n_runtime, c.kwargs), **(extra or {})}
+
+    return {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "model": component(cfg.model, "model"),
+        "data": component(cfg.data, "data"),
+        "optimizer": component(cfg.optimizer, "optimizer", {"param_groups": cfg.param_groups, "no_decay": cfg.no_decay}),
+        "scheduler": component(cfg.scheduler, "scheduler"),
+        "trainer": dataclasses.asdict(cfg.trainer),
+        "output": dataclasses.asdict(cfg.output),
+    }
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)

@@ -1,0 +1,184 @@
+"""Device-resident splits: the one shape every dataset hands to the trainer.
+
+A dataset builder reads its files once and returns a :class:`DataBundle` whose splits live on the
+training device. The hot loop only ever calls ``split.get(idx)`` with a tensor of indices: a gather
+on the device, no Python per sample, no DataLoader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["DataMeta", "Split", "TensorSplit", "TokenSplit", "DataBundle", "carve_validation"]
+
+Task = Literal["regression", "classification", "lm"]
+
+
+@dataclass
+class DataMeta:
+    """What a model needs to size itself, and what the trainer needs to pick loss and metrics.
+
+    Attributes:
+        task: ``regression`` (MSE), ``classification`` (cross-entropy) or ``lm`` (next-token CE).
+        input_shape: shape of one input sample, e.g. ``(784,)``, ``(1, 28, 28)``, ``(64,)`` for tokens.
+        num_classes: classes for classification.
+        out_features: targets per sample for regression.
+        vocab_size / block_size: for language modelling.
+        extras: anything else worth saving with the run (e.g. ``{"vocab": [...]}``, class names).
+    """
+
+    task: Task
+    input_shape: tuple[int, ...]
+    num_classes: int | None = None
+    out_features: int | None = None
+    vocab_size: int | None = None
+    block_size: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Split:
+    """A split on the device; ``get(idx)`` returns ``(inputs, targets)`` for a batch of indices."""
+
+    def __len__(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def chunks(self, size: int):
+        """Yield ``(inputs, targets)`` over the whole split in order, ``size`` samples at a time."""
+        n = len(self)
+        device = self.device
+        for start in range(0, n, size):
+            idx = torch.arange(start, min(start + size, n), device=device)
+            yield self.get(idx)
+
+
+class TensorSplit(Split):
+    """Inputs and targets indexed along dim 0.
+
+    Inputs stored as uint8 stay uint8 on the device (4x smaller) and are turned into normalised
+    floats only for the rows gathered: ``(x / 255 - mean) / std``.
+
+    Args:
+        inputs: ``[N, ...]`` float or uint8.
+        targets: ``[N]`` int64 class labels, or ``[N, out]`` float regression targets.
+        mean, std: normalisation applied to uint8 inputs after scaling to [0, 1]: one number for
+            all inputs, or one per channel (dim 1 of ``inputs``, e.g. RGB images ``[N, 3, H, W]``).
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        mean: float | tuple[float, ...] = 0.0,
+        std: float | tuple[float, ...] = 1.0,
+    ):
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs have {inputs.shape[0]} rows but targets {targets.shape[0]}")
+        self.inputs = inputs
+        self.targets = targets
+        self.mean = _scalar_or_tuple(mean)
+        self.std = _scalar_or_tuple(std)
+        # Per-channel normalisation: x * scale + shift with [C, 1, ...] tensors made once, here,
+        # so the hot path does one fused multiply-add and no host work.
+        self._scale: Tensor | None = None
+        self._shift: Tensor | None = None
+        if isinstance(self.mean, tuple) or isinstance(self.std, tuple):
+            if inputs.dim() < 2:
+                raise ValueError("per-channel mean/std needs inputs with a channel dimension (dim 1)")
+            channels = inputs.shape[1]
+            for name, value in (("mean", self.mean), ("std", self.std)):
+                if isinstance(value, tuple) and len(value) != channels:
+                    raise ValueError(f"{name} has {len(value)} values but inputs have {channels} channels")
+            mean_t = torch.tensor(self.mean, dtype=torch.float32).expand(channels)
+            std_t = torch.tensor(self.std, dtype=torch.float32).expand(channels)
+            view = (channels,) + (1,) * (inputs.dim() - 2)
+            self._scale = (1.0 / (255.0 * std_t)).reshape(view).to(inputs.device)
+            self._shift = (-mean_t / std_t).reshape(view).to(inputs.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.inputs[idx]
+        if x.dtype == torch.uint8:
+            if self._scale is not None:
+                x = x.float().mul_(self._scale).add_(self._shift)  # per channel: [b, C, ...] * [C, 1, ...]
+            else:
+                # One fused expression: (x/255 - mean)/std == x * a + b.
+                x = x.float().mul_(1.0 / (255.0 * self.std)).add_(-self.mean / self.std)
+        return x, self.targets[idx]
+
+    def to(self, device: torch.device) -> "TensorSplit":
+        return TensorSplit(self.inputs.to(device), self.targets.to(device), mean=self.mean, std=self.std)
+
+
+class TokenSplit(Split):
+    """A token stream cut into windows: sample ``i`` is ``tokens[i:i+B]`` with targets ``tokens[i+1:i+B+1]``.
+
+    Every start offset is a sample, so ``len == len(tokens) - block_size``.
+    """
+
+    def __init__(self, tokens: Tensor, block_size: int):
+        if tokens.dim() != 1:
+            raise ValueError("tokens must be a 1-D tensor")
+        if tokens.numel() <= block_size:
+            raise ValueError(f"{tokens.numel()} tokens is too few for block_size {block_size}")
+        self.tokens = tokens
+        self.block_size = block_size
+        self._offsets = torch.arange(block_size, device=tokens.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def __len__(self) -> int:
+        return self.tokens.numel() - self.block_size
+
+    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        pos = idx.reshape(-1, 1) + self._offsets  # [b, block]
+        return self.tokens[pos].long(), self.tokens[pos + 1].long()
+
+
+@dataclass
+class DataBundle:
+    """The splits of one dataset, resident on the device, and their meta."""
+
+    train: Split
+    val: Split | None
+    test: Split | None
+    meta: DataMeta
+
+    def splits(self) -> dict[str, Split]:
+        """The evaluation splits that exist, by name."""
+        return {k: s for k, s in (("val", self.val), ("test", self.test)) if s is not None}
+
+
+def _scalar_or_tuple(value: float | tuple[float, ...] | list[float]) -> float | tuple[float, ...]:
+    if isinstance(value, (tuple, list)):
+        return tuple(float(v) for v in value)
+    return float(value)
+
+
+def carve_validation(train: TensorSplit, val_size: int, seed: int) -> tuple[TensorSplit, TensorSplit | None]:
+    """Move ``val_size`` seeded-random rows of ``train`` into a validation split."""
+    if val_size <= 0:
+        return train, None
+    n = len(train)
+    if val_size >= n:
+        raise ValueError(f"val_size {val_size} leaves no training data out of {n}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).to(train.device)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    mk = lambda i: TensorSplit(train.inputs[i], train.targets[i], mean=train.mean, std=train.std)  # noqa: E731
+    return mk(train_idx), mk(val_idx)

@@ -1,0 +1,19 @@
+"""Step engines: how one optimizer step, or a chunk of per-sample steps, executes.
+
+The trainer owns the loop (order, boundaries, logging, evaluation); an engine owns the arithmetic
+of a step. Every engine keeps the same contract (DESIGN.md): forward, loss, grads, finite check,
+clip, ``optimizer.step()``, ``scheduler.step()``, and accumulates its loss / grad-norm statistics
+on the device until :meth:`Engine.read` is called.
+"""
+
+from singlestep.engine.base import Engine, StepStats
+from singlestep.engine.eager import EagerEngine
+
+__all__ = ["Engine", "StepStats", "EagerEngine", "build_engine"]
+
+
+def build_engine(kind: str, **kwargs) -> Engine:
+    """Create the engine named by ``trainer.engine`` (``auto`` resolves to the best available)."""
+    if kind in ("auto", "eager"):
+        return EagerEngine(**kwargs)
+    raise ValueError(f"unknown engine {kind!r}")

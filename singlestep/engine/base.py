@@ -1,0 +1,80 @@
+"""The engine interface the trainer calls, and the device-side statistics every engine keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from singlestep.data.base import Split
+
+__all__ = ["Engine", "StepStats"]
+
+
+class StepStats:
+    """Per-window sums kept on the device: read (one sync) and reset at each log event."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        z = lambda: torch.zeros((), dtype=torch.float32, device=self.device)  # noqa: E731
+        self.loss_sum, self.norm_sum, self.norm_max, self.skipped = z(), z(), z(), z()
+        self.steps = 0  # host-side: the trainer knows how many steps it asked for
+
+    def read(self) -> dict[str, float]:
+        """Means over the window since the last read. This syncs the device."""
+        n = max(self.steps, 1)
+        loss_sum, norm_sum, norm_max, skipped = torch.stack(
+            [self.loss_sum, self.norm_sum, self.norm_max, self.skipped]
+        ).tolist()  # one sync for all four
+        taken = max(self.steps - int(skipped), 1)
+        out = {"loss": loss_sum / taken, "grad_norm": norm_sum / taken, "grad_norm_max": norm_max,
+               "skipped_steps": int(skipped), "steps": n}  # fmt: skip
+        self.reset()
+        return out
+
+
+@dataclass
+class Engine:
+    """Base of all engines: the objects a step needs and the statistics it accumulates.
+
+    Attributes:
+        model: the module being trained (its trainable parameters are the optimizer's).
+        loss_fn: ``(output, targets) -> mean loss``.
+        optimizer: any ``torch.optim.Optimizer``; it reads ``p.grad``.
+        scheduler: stepped after every optimizer step, or None.
+        train: the training split; engines gather batches from it with ``train.get(idx)``.
+        clip_grad_norm / clip_grad_value: global-norm and element-wise clipping (None = off).
+        check_finite: skip steps with a non-finite loss or grad norm.
+    """
+
+    model: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    train: Split
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    check_finite: bool = True
+
+    name = "base"
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.stats = StepStats(self.train.device)
+
+    def run_samples(self, idx: Tensor) -> None:
+        """Run ``len(idx)`` per-sample steps, one optimizer step per index, in order."""
+        raise NotImplementedError
+
+    def run_batch(self, micro_batches: list[Tensor]) -> None:
+        """Run one optimizer step over the summed gradients of these micro-batches."""
+        raise NotImplementedError
+
+    def read(self) -> dict[str, float]:
+        """Window statistics since the last read (syncs the device)."""
+        return self.stats.read()

@@ -1,0 +1,82 @@
+"""The eager engine: plain PyTorch, no compilation, nothing to warm up."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from singlestep.engine.base import Engine
+
+__all__ = ["EagerEngine"]
+
+
+class EagerEngine(Engine):
+    """Steps executed op by op. Grads come from ``torch.autograd.grad`` (no ``zero_grad`` pass),
+    norms and clipping use the ``_foreach`` kernels, and statistics stay on the device.
+    """
+
+    name = "eager"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._used: list[int] | None = None  # indices of params that receive a grad
+
+    def _grads(self, loss: Tensor) -> list[Tensor]:
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        if self._used is None:
+            self._used = [i for i, g in enumerate(grads) if g is not None]
+            if not self._used:
+                raise RuntimeError("the loss does not depend on any trainable parameter")
+        return [grads[i] for i in self._used]
+
+    def _apply(self, grads: list[Tensor], loss: Tensor) -> None:
+        """Finite check, clip, optimizer step and scheduler step for one set of grads."""
+        stats = self.stats
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pre-clip global L2
+        stats.steps += 1
+        if self.check_finite and not bool(torch.isfinite(norm + loss)):  # host read: syncs on CUDA
+            stats.skipped += 1
+            if self.scheduler is not None:
+                self.scheduler.step()  # the schedule counts steps taken, skipped or not
+            return
+        stats.loss_sum += loss.detach()
+        stats.norm_sum += norm
+        torch.maximum(stats.norm_max, norm, out=stats.norm_max)
+        if self.clip_grad_value is not None:
+            v = self.clip_grad_value
+            torch._foreach_clamp_min_(grads, -v)
+            torch._foreach_clamp_max_(grads, v)
+            if self.clip_grad_norm is not None:
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.clip_grad_norm is not None:
+            # Same rule as torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6)).
+            coef = (self.clip_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
+            torch._foreach_mul_(grads, coef)
+        for i, g in zip(self._used, grads):
+            self.params[i].grad = g
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def run_samples(self, idx: Tensor) -> None:
+        model, loss_fn, get = self.model, self.loss_fn, self.train.get
+        for j in range(idx.shape[0]):
+            x, y = get(idx[j : j + 1])  # [1, ...]
+            loss = loss_fn(model(x), y)
+            self._apply(self._grads(loss), loss.detach())
+
+    def run_batch(self, micro_batches: list[Tensor]) -> None:
+        total = sum(int(mb.shape[0]) for mb in micro_batches)
+        grads: list[Tensor] | None = None
+        loss_total = None
+        for mb in micro_batches:
+            x, y = self.train.get(mb)
+            # Weight each micro-batch by its share so the step sees the mean over all samples.
+            loss = self.loss_fn(self.model(x), y) * (mb.shape[0] / total)
+            g = self._grads(loss)
+            if grads is None:
+                grads, loss_total = list(g), loss.detach()
+            else:
+                torch._foreach_add_(grads, g)
+                loss_total = loss_total + loss.detach()
+        self._apply(grads, loss_total)

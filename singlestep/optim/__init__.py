@@ -1,0 +1,1 @@
+"""Optimizers, one per file, each a ``torch.optim.Optimizer`` subclass; importing registers them."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: small configs written to a temp folder, and a runner for the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_config(**changes) -> dict:
+    """A tiny synthetic-regression config that trains in well under a second."""
+    cfg = {
+        "name": "t",
+        "seed": 0,
+        "device": "cpu",
+        "model": {"name": "linear"},
+        "data": {"name": "synthetic_regression", "in_features": 4, "train_size": 64, "val_size": 16, "test_size": 16},
+        "optimizer": {"name": "torch.optim.SGD", "lr": 0.05},
+        "trainer": {"mode": "per_sample", "epochs": 1, "log_every": 16, "progress": False},
+        "output": {"dir": "runs"},
+    }
+    for key, value in changes.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config mapping (or raw text) to tmp_path/name and return its path."""
+
+    def write(data, name: str = "run.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+        return path
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python -m singlestep.train`` in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "singlestep.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
