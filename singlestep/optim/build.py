@@ -4,10 +4,15 @@ Groups are formed by name pattern (``fnmatch`` on ``model.named_parameters()`` n
 matching rule wins, unmatched parameters fall into the default group. With ``no_decay`` on,
 biases and normalisation weights (any 1-D parameter, plus names containing ``norm``/``ln``/``bn``)
 get ``weight_decay = 0`` unless an explicit rule says otherwise.
+
+A rule's keys other than ``match`` must be hyper-parameters of the optimizer's signature, or keys
+the class lists in an ``extra_group_keys`` attribute (Muon's ``use_muon``); anything else is a
+config error, so a typo in a group never passes silently.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import inspect
 from typing import Any
@@ -17,7 +22,7 @@ from torch import nn
 
 from singlestep.errors import ConfigError
 
-__all__ = ["build_optimizer", "is_no_decay", "group_parameters"]
+__all__ = ["build_optimizer", "group_keys", "group_parameters", "is_no_decay"]
 
 _NORM_HINTS = ("norm", "ln_", ".ln", "bn")
 
@@ -96,6 +101,35 @@ def group_parameters(
     return groups, counts
 
 
+def group_keys(cls: type[torch.optim.Optimizer]) -> list[str] | None:
+    """Keys a param-groups rule may set for ``cls``; None when the signature takes ``**kwargs``."""
+    params = inspect.signature(cls).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    skip = {"self", "params", "foreach", "differentiable", "fused", "capturable"}
+    keys = [p.name for p in params if p.kind is not p.VAR_POSITIONAL and p.name not in skip]
+    return keys + [k for k in getattr(cls, "extra_group_keys", ()) if k not in keys]
+
+
+def _check_rule_keys(
+    cls: type[torch.optim.Optimizer], rules: list[dict[str, Any]] | None, where: str = "optimizer.param_groups"
+) -> None:
+    allowed = group_keys(cls)
+    if allowed is None or not rules:
+        return
+    problems = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict):
+            continue  # group_parameters reports the shape problem
+        for key in rule:
+            if key != "match" and key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else f"valid keys: match, {', '.join(allowed)}"
+                problems.append(f"{where}[{i}]: unknown key '{key}' for optimizer {cls.__name__} ({hint})")
+    if problems:
+        raise ConfigError(problems)
+
+
 def build_optimizer(
     model: nn.Module,
     cls: type[torch.optim.Optimizer],
@@ -109,6 +143,7 @@ def build_optimizer(
     Returns:
         The optimizer and the decay / no-decay tensor counts (for the start-up report).
     """
+    _check_rule_keys(cls, param_groups)
     decays = "weight_decay" in inspect.signature(cls).parameters
     groups, counts = group_parameters(model, param_groups, no_decay=no_decay, decays=decays)
     if not groups:

@@ -1,0 +1,110 @@
+"""build_optimizer: the no-decay rule, param-groups rules, and how they reach every optimizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from singlestep.errors import ConfigError
+from singlestep.optim.build import build_optimizer, group_keys
+from singlestep.registry import OPTIMIZERS, load_builtins
+
+load_builtins()
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.relu(self.hidden(self.embed(idx)))))
+
+
+def _group_of(opt: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    (group,) = [g for g in opt.param_groups if any(p is param for p in g["params"])]
+    return group
+
+
+def test_no_decay_puts_biases_and_norms_in_a_zero_decay_group():
+    net = _Net()
+    opt, counts = build_optimizer(net, OPTIMIZERS.get("adamw"), {"lr": 1e-3, "weight_decay": 0.1})
+    for p in (net.hidden.bias, net.head.bias, net.norm.weight, net.norm.bias):
+        assert _group_of(opt, p)["weight_decay"] == 0.0
+    for p in (net.hidden.weight, net.head.weight, net.embed.weight):
+        assert _group_of(opt, p)["weight_decay"] == 0.1
+    assert counts == {"decay": 3, "no_decay": 4}
+    assert not any(p is net.frozen.weight for g in opt.param_groups for p in g["params"])
+
+
+def test_no_decay_off():
+    net = _Net()
+    opt, counts = build_optimizer(net, OPTIMIZERS.get("adamw"), {"weight_decay": 0.1}, no_decay=False)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.1
+    assert counts == {"decay": 7, "no_decay": 0}
+
+
+def test_rules_override_hyper_parameters_first_match_wins():
+    net = _Net()
+    rules = [
+        {"match": "head.*", "lr": 0.5},
+        {"match": "*.bias", "weight_decay": 0.2},
+        {"match": "head.bias", "lr": 9.0},
+    ]
+    with pytest.raises(ConfigError, match=r"param_groups\[2\]: pattern 'head.bias' matches no trainable parameter"):
+        build_optimizer(net, OPTIMIZERS.get("sgd"), {"lr": 0.1}, param_groups=rules)
+    opt, _ = build_optimizer(net, OPTIMIZERS.get("sgd"), {"lr": 0.1, "weight_decay": 0.01}, param_groups=rules[:2])
+    assert _group_of(opt, net.head.weight)["lr"] == 0.5
+    assert _group_of(opt, net.head.bias)["lr"] == 0.5  # the first rule matched it
+    assert _group_of(opt, net.hidden.bias)["weight_decay"] == 0.2
+    assert _group_of(opt, net.hidden.weight)["lr"] == 0.1
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS.names()))
+def test_bias_rule_reaches_every_optimizer(name):
+    net = _Net()
+    opt, _ = build_optimizer(
+        net,
+        OPTIMIZERS.get(name),
+        {"weight_decay": 0.05},
+        param_groups=[{"match": "*.bias", "weight_decay": 0}],
+        no_decay=False,
+    )
+    for module in (net.hidden, net.head, net.norm):
+        assert _group_of(opt, module.bias)["weight_decay"] == 0
+    assert _group_of(opt, net.hidden.weight)["weight_decay"] == 0.05
+    # One step with real gradients must work with the split groups.
+    loss = net(torch.tensor([1, 2, 3])).square().mean()
+    loss.backward()
+    opt.step()
+
+
+def test_muon_groups_from_rules():
+    net = _Net()
+    rules = [{"match": "embed.*", "use_muon": False}, {"match": "head.weight", "use_muon": False, "fallback_lr": 0.003}]
+    opt, _ = build_optimizer(net, OPTIMIZERS.get("muon"), {"lr": 0.02, "fallback_lr": 1e-3}, param_groups=rules)
+    assert _group_of(opt, net.hidden.weight)["use_muon"] is True
+    assert _group_of(opt, net.embed.weight)["use_muon"] is False and _group_of(opt, net.embed.weight)["lr"] == 1e-3
+    assert _group_of(opt, net.head.weight)["lr"] == 0.003
+    assert _group_of(opt, net.hidden.bias)["use_muon"] is False
+    assert _group_of(opt, net.hidden.bias)["weight_decay"] == 0.0  # the no-decay rule
+    assert "use_muon" in group_keys(OPTIMIZERS.get("muon"))
+
+
+def test_unknown_rule_key_is_a_config_error():
+    with pytest.raises(ConfigError) as info:
+        build_optimizer(_Net(), OPTIMIZERS.get("adam"), {}, param_groups=[{"match": "*.bias", "weight_deacy": 0}])
+    assert "param_groups[0]: unknown key 'weight_deacy' for optimizer Adam (did you mean 'weight_decay'?)" in str(
+        info.value
+    )
+
+
+def test_invalid_hyper_parameter_is_a_config_error():
+    with pytest.raises(ConfigError, match="optimizer: Invalid rho value: 1.5"):
+        build_optimizer(_Net(), OPTIMIZERS.get("adadelta"), {"rho": 1.5})
