@@ -111,14 +111,15 @@ def evaluate(
 ) -> dict[str, Any]:
     """Exact metrics over a whole split, computed in chunks of ``batch_size`` samples.
 
-    For token splits every token is predicted once: windows are taken at stride ``block_size``
-    (not every offset), so the figures are per token of the split.
+    For token splits every token is predicted once: windows that do not overlap are taken (every
+    ``block_size / stride``-th window), so the figures are per token of the split.
     """
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(task, split.device, num_classes)
     if isinstance(split, TokenSplit):
-        starts = torch.arange(0, len(split), split.block_size, device=split.device)
+        step = max(1, split.block_size // split.stride)
+        starts = torch.arange(0, len(split), step, device=split.device)
         for i in range(0, starts.numel(), batch_size):
             x, y = split.get(starts[i : i + batch_size])
             acc.update(model(x), y)

@@ -4,4 +4,4 @@ A dataset builder takes the training device first and its config values keyword-
 a :class:`~singlestep.data.base.DataBundle` whose splits are already on that device.
 """
 
-from singlestep.data import synthetic  # noqa: F401
+from singlestep.data import cifar10, idx, shakespeare, synthetic, text  # noqa: F401

@@ -46,8 +46,21 @@ class Split:
     def __len__(self) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)`` for a batch of indices, gathered on the device."""
+        return self.gather(self.tensors(), idx)
+
+    def tensors(self) -> dict[str, Tensor]:  # pragma: no cover - interface
+        """Every tensor ``gather`` reads, by name: compiled engines pass these in as inputs."""
         raise NotImplementedError
+
+    def gather(self, tensors: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        """``get`` written as a pure function of ``tensors()``, so it can be traced and compiled."""
+        raise NotImplementedError
+
+    def signature(self) -> str:
+        """Everything besides ``tensors()`` that ``gather`` depends on (for compiled-code caches)."""
+        return type(self).__name__
 
     def chunks(self, size: int):
         """Yield ``(inputs, targets)`` over the whole split in order, ``size`` samples at a time."""
@@ -109,33 +122,48 @@ class TensorSplit(Split):
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.inputs[idx]
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"inputs": self.inputs, "targets": self.targets}
+        if self._scale is not None:
+            out["scale"], out["shift"] = self._scale, self._shift
+        return out
+
+    def gather(self, tensors: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
+        x = tensors["inputs"][idx]
         if x.dtype == torch.uint8:
-            if self._scale is not None:
-                x = x.float().mul_(self._scale).add_(self._shift)  # per channel: [b, C, ...] * [C, 1, ...]
+            if "scale" in tensors:
+                x = x.float() * tensors["scale"] + tensors["shift"]  # per channel: [b, C, ...] * [C, 1, ...]
             else:
                 # One fused expression: (x/255 - mean)/std == x * a + b.
-                x = x.float().mul_(1.0 / (255.0 * self.std)).add_(-self.mean / self.std)
-        return x, self.targets[idx]
+                x = x.float() * (1.0 / (255.0 * self.std)) + (-self.mean / self.std)
+        return x, tensors["targets"][idx]
+
+    def signature(self) -> str:
+        return f"TensorSplit(mean={self.mean}, std={self.std})"
 
     def to(self, device: torch.device) -> "TensorSplit":
         return TensorSplit(self.inputs.to(device), self.targets.to(device), mean=self.mean, std=self.std)
 
 
 class TokenSplit(Split):
-    """A token stream cut into windows: sample ``i`` is ``tokens[i:i+B]`` with targets ``tokens[i+1:i+B+1]``.
+    """A token stream cut into windows: sample ``i`` is ``tokens[s:s+B]``, targets ``tokens[s+1:s+B+1]``.
 
-    Every start offset is a sample, so ``len == len(tokens) - block_size``.
+    The window starts at ``s = i * stride``. With the default ``stride`` 1 every start offset is a
+    sample, so ``len == len(tokens) - block_size``. ``stride == block_size`` gives non-overlapping
+    windows, each token predicted once: what an evaluation split wants (overlapping windows would
+    cost ``block_size`` times as much for the same tokens).
     """
 
-    def __init__(self, tokens: Tensor, block_size: int):
+    def __init__(self, tokens: Tensor, block_size: int, stride: int = 1):
         if tokens.dim() != 1:
             raise ValueError("tokens must be a 1-D tensor")
         if tokens.numel() <= block_size:
             raise ValueError(f"{tokens.numel()} tokens is too few for block_size {block_size}")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
         self.tokens = tokens
         self.block_size = block_size
+        self.stride = stride
         self._offsets = torch.arange(block_size, device=tokens.device)
 
     @property
@@ -143,11 +171,21 @@ class TokenSplit(Split):
         return self.tokens.device
 
     def __len__(self) -> int:
-        return self.tokens.numel() - self.block_size
+        return (self.tokens.numel() - self.block_size - 1) // self.stride + 1
 
-    def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        pos = idx.reshape(-1, 1) + self._offsets  # [b, block]
-        return self.tokens[pos].long(), self.tokens[pos + 1].long()
+    def tensors(self) -> dict[str, Tensor]:
+        return {"tokens": self.tokens, "offsets": self._offsets}
+
+    def gather(self, tensors: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
+        start = idx.reshape(-1, 1)
+        if self.stride != 1:
+            start = start * self.stride
+        pos = start + tensors["offsets"]  # [b, block]
+        tokens = tensors["tokens"]
+        return tokens[pos].long(), tokens[pos + 1].long()
+
+    def signature(self) -> str:
+        return f"TokenSplit(block_size={self.block_size}, stride={self.stride})"
 
 
 @dataclass

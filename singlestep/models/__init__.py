@@ -5,4 +5,4 @@ values keyword-only, and raises :class:`~singlestep.errors.IncompatibleError` wh
 the data.
 """
 
-from singlestep.models import linear  # noqa: F401
+from singlestep.models import cnn, linear, mlp, tiny_lm  # noqa: F401
