@@ -141,7 +141,7 @@ class Trainer:
         self.engine = build_engine(
             t.engine, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer, scheduler=self.scheduler,
             train=self.data.train, clip_grad_norm=t.clip_grad_norm, clip_grad_value=t.clip_grad_value,
-            check_finite=t.check_finite,
+            check_finite=t.check_finite, chunk_size=t.chunk_size,
         )  # fmt: skip
         self.state = LoopState(seed=cfg.seed)
 
@@ -233,8 +233,7 @@ class Trainer:
         n = len(self.data.train)
         micro = t.batch_size
         per_step = 1 if t.mode == "per_sample" else t.batch_size * t.grad_accum_steps
-        # Eager per-sample chunks stay short so a stop request is seen within milliseconds.
-        chunk_cap = 256
+        chunk_cap = engine.max_chunk
         self.last_train_loss = float("nan")
         self.samples_seen = 0
         self.skipped_steps = 0

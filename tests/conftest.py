@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,8 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
         [sys.executable, "-m", "singlestep.train", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+# Compiled chunks go to a per-session folder unless the developer points SINGLESTEP_CACHE at a
+# persistent one (which makes repeated local runs skip compilation).
+os.environ.setdefault("SINGLESTEP_CACHE", tempfile.mkdtemp(prefix="singlestep-test-cache-"))

@@ -7,13 +7,16 @@ on the device until :meth:`Engine.read` is called.
 """
 
 from singlestep.engine.base import Engine, StepStats
+from singlestep.engine.compiled import CompiledEngine
 from singlestep.engine.eager import EagerEngine
 
-__all__ = ["Engine", "StepStats", "EagerEngine", "build_engine"]
+__all__ = ["Engine", "StepStats", "EagerEngine", "CompiledEngine", "build_engine"]
 
 
-def build_engine(kind: str, **kwargs) -> Engine:
+def build_engine(kind: str, *, chunk_size: int = 64, **kwargs) -> Engine:
     """Create the engine named by ``trainer.engine`` (``auto`` resolves to the best available)."""
     if kind in ("auto", "eager"):
         return EagerEngine(**kwargs)
+    if kind == "compiled":
+        return CompiledEngine(chunk_size=chunk_size, **kwargs)
     raise ValueError(f"unknown engine {kind!r}")

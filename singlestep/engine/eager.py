@@ -16,6 +16,8 @@ class EagerEngine(Engine):
     """
 
     name = "eager"
+    # Per-sample steps the trainer hands over per call: short, so a stop request is seen quickly.
+    max_chunk = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()

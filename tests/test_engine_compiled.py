@@ -1,0 +1,129 @@
+"""The compiled engine keeps the step contract: same parameters and statistics as eager steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from singlestep.data.base import TensorSplit
+from singlestep.engine import CompiledEngine, EagerEngine
+from singlestep.losses import loss_for
+from singlestep.optim import SGD, Adam
+from singlestep.optim.schedulers import cosine
+
+
+def classification_split(n=1200, d=20, classes=5, seed=0) -> TensorSplit:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
+    w = torch.randn(d, classes, generator=g)
+    y = ((x.float() / 255 - 0.5) @ w).argmax(1)
+    return TensorSplit(x, y, mean=0.5, std=0.3)
+
+
+def make(engine_cls, opt_factory, *, schedule=False, **kw):
+    torch.manual_seed(0)
+    split = classification_split()
+    model = nn.Linear(20, 5)
+    opt = opt_factory(model.parameters())
+    sched = cosine(opt, 1100, warmup_steps=100) if schedule else None
+    extra = {"chunk_size": 32} if engine_cls is CompiledEngine else {}
+    engine = engine_cls(model=model, loss_fn=loss_for("classification"), optimizer=opt, scheduler=sched,
+                        train=split, **kw, **extra)  # fmt: skip
+    return engine
+
+
+CASES = {
+    "sgd_momentum_cosine_clip": (lambda p: SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4), True, {"clip_grad_norm": 0.5}),
+    "adam_value_clip": (lambda p: Adam(p, lr=1e-3), False, {"clip_grad_value": 0.05}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_matches_eager_after_1000_steps(case):
+    factory, schedule, kw = CASES[case]
+    order = torch.randperm(1200, generator=torch.Generator().manual_seed(1))[:1000]
+    eager = make(EagerEngine, factory, schedule=schedule, **kw)
+    compiled = make(CompiledEngine, factory, schedule=schedule, **kw)
+    eager.run_samples(order)
+    compiled.run_samples(order)
+    # A fallback to eager would make this test meaningless.
+    assert compiled._fn is not None and compiled.fallback_reason is None
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for p_e, p_c in zip(eager.params, compiled.params):
+        for key, value in eager.optimizer.state[p_e].items():
+            torch.testing.assert_close(compiled.optimizer.state[p_c][key], value, rtol=1e-5, atol=1e-6)
+    if schedule:
+        assert compiled.scheduler.last_epoch == eager.scheduler.last_epoch == 1000
+        assert compiled.optimizer.param_groups[0]["lr"] == pytest.approx(eager.optimizer.param_groups[0]["lr"])
+    se, sc = eager.read(), compiled.read()
+    assert sc["steps"] == se["steps"] == 1000
+    assert sc["loss"] == pytest.approx(se["loss"], rel=1e-4)
+    assert sc["grad_norm"] == pytest.approx(se["grad_norm"], rel=1e-4)
+    assert sc["grad_norm_max"] == pytest.approx(se["grad_norm_max"], rel=1e-4)
+
+
+class IntStepSGD(torch.optim.Optimizer):
+    """Keeps a Python int in its state: cannot be traced into a compiled step."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["n"] = state.get("n", 0) + 1
+                p.add_(p.grad * -group["lr"])
+
+
+def test_untraceable_optimizer_falls_back_to_eager_with_one_warning():
+    engine = make(CompiledEngine, lambda p: IntStepSGD(p))
+    reference = make(EagerEngine, lambda p: IntStepSGD(p))
+    order = torch.arange(100)
+    with pytest.warns(UserWarning, match="falls back to eager: optimizer state 'n' is a int") as record:
+        engine.run_samples(order)
+        engine.run_samples(order)
+    assert len(record) == 1
+    reference.run_samples(order)
+    reference.run_samples(order)
+    for a, b in zip(reference.model.parameters(), engine.model.parameters()):
+        torch.testing.assert_close(b, a)
+
+
+def test_non_finite_sample_is_masked_in_compiled_chunk():
+    split = classification_split(n=64)
+    split.inputs = split.inputs.float()
+    split.inputs[5, 0] = float("nan")
+    torch.manual_seed(0)
+    model = nn.Linear(20, 5)
+    engine = CompiledEngine(model=model, loss_fn=loss_for("classification"), optimizer=Adam(model.parameters(), lr=1e-2),
+                            scheduler=None, train=split, chunk_size=16)  # fmt: skip
+    engine.run_samples(torch.arange(64))
+    assert engine.fallback_reason is None
+    stats = engine.read()
+    assert stats["skipped_steps"] == 1 and stats["steps"] == 64
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for s in engine.optimizer.state.values() for v in s.values())
+
+
+def test_second_build_loads_the_cached_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+    first = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9))
+    first.run_samples(torch.arange(100))
+    assert first.fallback_reason is None and not first.cache_hit
+    assert len(list((tmp_path / "compiled").glob("chunk-*.pt2"))) == 1
+    second = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9))
+    second.run_samples(torch.arange(100))
+    assert second.cache_hit and second.fallback_reason is None
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A different hyper-parameter is a different graph: no stale package is reused.
+    third = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.5))
+    third.run_samples(torch.arange(100))
+    assert not third.cache_hit
