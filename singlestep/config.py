@@ -72,8 +72,9 @@ class TrainerConfig:
     log_every: int = 1000
     # tqdm progress bar; forced off when stdout is not a terminal.
     progress: bool = True
-    # Which step engine runs the hot loop; see docs/performance.md.
-    engine: Literal["auto", "eager", "compiled", "cuda_graph"] = "eager"
+    # How steps execute: eager, compiled (K per-sample steps per native call), cuda_graph, or
+    # auto (compiled where it pays for itself over the run's length); see docs/performance.md.
+    engine: Literal["auto", "eager", "compiled", "cuda_graph"] = "auto"
     # Per-sample steps run per compiled call by the compiled / cuda_graph engines.
     chunk_size: int = 64
     # Samples per forward pass during evaluation (memory vs speed; results are exact either way).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from singlestep.errors import UserError
 
@@ -52,8 +53,13 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgError(f"{self.prog}: {message}")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
+    warnings.formatwarning = _one_line_warning  # a user reads "warning: why", not our source lines
     parser = _parser()
     parser.__class__ = _Parser
     try:

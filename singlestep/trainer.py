@@ -142,6 +142,8 @@ class Trainer:
             t.engine, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer, scheduler=self.scheduler,
             train=self.data.train, clip_grad_norm=t.clip_grad_norm, clip_grad_value=t.clip_grad_value,
             check_finite=t.check_finite, chunk_size=t.chunk_size,
+            batch_shape=(t.grad_accum_steps, t.batch_size) if t.mode == "minibatch" else None,
+            total_steps=self.total_steps, log=self._print,
         )  # fmt: skip
         self.state = LoopState(seed=cfg.seed)
 
@@ -184,7 +186,7 @@ class Trainer:
             f"run {self.run_dir} | model {cfg.model.name} ({n_params:,} params) | data {cfg.data.name} "
             f"({len(self.data.train):,} train) | optimizer {cfg.optimizer.name}: {self.decay_counts['decay']} tensors "
             f"decay, {self.decay_counts['no_decay']} do not | {t.mode}, {self.total_steps:,} steps, "
-            f"engine {self.engine.name}, device {self.device}"
+            f"engine {t.engine}, device {self.device}"
         )
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = Progress(self.total_steps, t.progress)
@@ -218,7 +220,7 @@ class Trainer:
             "samples_per_second": round(self.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
             "skipped_steps": self.skipped_steps,
             "interrupted": self.stop_requested,
-            "engine": self.engine.name,
+            "engine": self.engine.label,
             "device": str(self.device),
             "torch_version": torch.__version__,
             "decay_tensors": self.decay_counts,

@@ -6,6 +6,8 @@ clip, ``optimizer.step()``, ``scheduler.step()``, and accumulates its loss / gra
 on the device until :meth:`Engine.read` is called.
 """
 
+from typing import Callable
+
 from singlestep.engine.base import Engine, StepStats
 from singlestep.engine.compiled import CompiledEngine
 from singlestep.engine.eager import EagerEngine
@@ -13,10 +15,23 @@ from singlestep.engine.eager import EagerEngine
 __all__ = ["Engine", "StepStats", "EagerEngine", "CompiledEngine", "build_engine"]
 
 
-def build_engine(kind: str, *, chunk_size: int = 64, **kwargs) -> Engine:
-    """Create the engine named by ``trainer.engine`` (``auto`` resolves to the best available)."""
-    if kind in ("auto", "eager"):
+def build_engine(
+    kind: str,
+    *,
+    chunk_size: int = 64,
+    batch_shape: tuple[int, int] | None = None,
+    total_steps: int | None = None,
+    log: Callable[[str], None] | None = None,
+    **kwargs,
+) -> Engine:
+    """Create the engine named by ``trainer.engine``.
+
+    ``auto`` is the compiled engine deciding per shape, from the measured eager step time and
+    the steps left, whether compiling pays for itself (a cached package nearly always does).
+    """
+    if kind == "eager":
         return EagerEngine(**kwargs)
-    if kind == "compiled":
-        return CompiledEngine(chunk_size=chunk_size, **kwargs)
+    if kind in ("compiled", "auto"):
+        return CompiledEngine(chunk_size=chunk_size, batch_shape=batch_shape, auto=kind == "auto",
+                              total_steps=total_steps, log=log, **kwargs)  # fmt: skip
     raise ValueError(f"unknown engine {kind!r}")

@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from singlestep.data.base import Split
 
-__all__ = ["Engine", "StepStats"]
+__all__ = ["Engine", "StepStats", "advance_schedule"]
+
+
+def advance_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, k: int) -> list[list[float]]:
+    """Advance ``scheduler`` by ``k`` steps; return the lr of each group for each of those steps.
+
+    ``LambdaLR`` (every built-in schedule) is advanced in closed form: the same numbers as ``k``
+    calls of ``scheduler.step()`` without its per-call Python overhead, which would cost as much
+    as a whole per-sample step. Any other scheduler is stepped for real.
+    """
+    groups = optimizer.param_groups
+    if scheduler is None:
+        return [[float(g["lr"]) for g in groups]] * k
+    if type(scheduler) is not torch.optim.lr_scheduler.LambdaLR:
+        rows = []
+        for _ in range(k):
+            rows.append([float(g["lr"]) for g in groups])
+            scheduler.step()
+        return rows
+    start = scheduler.last_epoch
+    pairs = list(zip(scheduler.base_lrs, scheduler.lr_lambdas))
+    rows = [[float(g["lr"]) for g in groups]]
+    rows += [[base * fn(start + j) for base, fn in pairs] for j in range(1, k)]
+    new = [base * fn(start + k) for base, fn in pairs]
+    for group, lr in zip(groups, new):
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    scheduler.last_epoch = start + k
+    scheduler._step_count += k
+    scheduler._last_lr = new
+    return rows
 
 
 class StepStats:
@@ -66,6 +98,11 @@ class Engine:
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stats = StepStats(self.train.device)
+
+    @property
+    def label(self) -> str:
+        """The engine as the run summary reports it."""
+        return self.name
 
     def run_samples(self, idx: Tensor) -> None:
         """Run ``len(idx)`` per-sample steps, one optimizer step per index, in order."""

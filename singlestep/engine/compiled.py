@@ -26,16 +26,30 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from singlestep.engine.base import advance_schedule
 from singlestep.engine.eager import EagerEngine
 
 __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
+
+
+# Estimates behind ``auto`` (measured on the 2-core CPU; see docs/performance.md).
+_PER_SAMPLE_SPEEDUP = 10.0
+_MINIBATCH_SPEEDUP = 1.3
+_COMPILE_BASE_S = 8.0
+_COMPILE_PER_NODE_S = 0.02
+_CACHED_LOAD_S = 0.5
+
+
+class _StayEager(Exception):
+    """``auto`` decided compiling this shape would not pay for itself."""
 
 
 class CompileUnsupported(Exception):
@@ -63,70 +77,116 @@ def _strip_profiler(gm: torch.fx.GraphModule) -> None:
 
 
 class CompiledEngine(EagerEngine):
-    """Per-sample steps in compiled chunks of ``chunk_size``; anything else falls back to eager.
+    """Steps run as compiled chunks; anything the chunk does not cover runs eagerly, identically.
 
-    Steps that do not fill a whole chunk (the end of an epoch or of a log window) run eagerly, with
-    identical semantics. If tracing or compiling fails, the engine warns once, saying why, and
-    continues eagerly.
+    Per-sample mode compiles chunks of ``chunk_size`` steps of one sample each; mini-batch mode
+    compiles single steps of the full batch shape (``batch_shape``: micro-batches x samples).
+    The first chunk or batch of a shape runs eagerly (it also creates the optimizer's lazy state,
+    which the trace needs); short chunks and short last batches always run eagerly. If tracing
+    or compiling fails, the engine warns once, saying why, and continues eagerly.
 
     Args:
         chunk_size: per-sample steps per compiled call (K).
-        threads: intra-op threads while running chunks (1 is fastest for tiny per-sample tensors).
+        batch_shape: ``(grad_accum_steps, batch_size)`` of a full mini-batch step, or None.
+        threads: intra-op threads for per-sample chunks (1 is fastest for tiny per-sample
+            tensors: no OpenMP fork/join per kernel); mini-batch steps keep torch's setting.
     """
 
     name = "compiled"
 
-    def __init__(self, *args: Any, chunk_size: int = 64, threads: int | None = 1, **kwargs: Any):
+    def __init__(self, *args: Any, chunk_size: int = 64, batch_shape: tuple[int, int] | None = None,
+                 threads: int | None = 1, auto: bool = False, total_steps: int | None = None,
+                 log: Callable[[str], None] | None = None, **kwargs: Any):  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.auto = auto
+        self.total_steps = total_steps
+        self.log = log or (lambda text: None)
+        self.steps_done = 0
+        self.choice: str | None = None  # what auto picked, for the summary
+        self._eager_step_seconds: dict[tuple[int, int, int], float] = {}
         self.chunk_size = chunk_size
         self.max_chunk = chunk_size * max(1, 4096 // chunk_size)
-        self.cache_hit = False
+        self.batch_shape = batch_shape
         self.threads = threads
-        self._fn = None
+        self.cache_hit = False
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
+        self._fns: dict[tuple[int, int, int], Any] = {}
+        self._seen: set[tuple[int, int, int]] = set()
 
     # ------------------------------------------------------------------ public
 
     def run_samples(self, idx: Tensor) -> None:
         n, pos, k = idx.shape[0], 0, self.chunk_size
-        if self._fn is None and self.fallback_reason is None and n > k:
-            # One eager step first: it creates the optimizer's lazy state, which the trace needs.
-            super().run_samples(idx[:1])
-            pos = 1
-            self._try_build()
-        if self._fn is not None:
+        fn = self._compiled((k, 1, 1)) if n >= k else None
+        if fn is None and n >= k and (k, 1, 1) not in self._fns and self.fallback_reason is None:
+            self._timed_eager((k, 1, 1), k, lambda: EagerEngine.run_samples(self, idx[:k]))  # first chunk: eager
+            pos = k
+            fn = self._compiled((k, 1, 1))
+        if fn is not None and n - pos >= k:
             threads = torch.get_num_threads()
             if self.threads:
                 torch.set_num_threads(self.threads)
             try:
                 while n - pos >= k:
-                    self._run_chunk(idx[pos : pos + k])
+                    self._run(fn, idx[pos : pos + k].view(k, 1, 1))
                     pos += k
             finally:
                 torch.set_num_threads(threads)
         if pos < n:
             super().run_samples(idx[pos:])
+            self.steps_done += n - pos
+
+    def run_batch(self, micro_batches: list[Tensor]) -> None:
+        shape = (1, len(micro_batches), int(micro_batches[0].shape[0]))
+        full = self.batch_shape is not None and shape[1:] == tuple(self.batch_shape)
+        full = full and all(mb.shape[0] == shape[2] for mb in micro_batches)
+        fn = self._compiled(shape) if full else None
+        if fn is None:
+            if full and shape not in self._eager_step_seconds:
+                self._timed_eager(shape, 1, lambda: EagerEngine.run_batch(self, micro_batches))
+            else:
+                super().run_batch(micro_batches)
+                self.steps_done += 1
+            return
+        self._run(fn, torch.stack(micro_batches).unsqueeze(0))
+
+    def _timed_eager(self, shape: tuple[int, int, int], steps: int, run: Callable[[], None]) -> None:
+        """Run eagerly and remember the time per step (what auto weighs compiling against)."""
+        sync = torch.cuda.synchronize if self.train.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()  # once per shape, not per step
+        self._eager_step_seconds[shape] = (time.perf_counter() - start) / steps
+        self.steps_done += steps
 
     # ------------------------------------------------------------------ build
 
-    def _try_build(self) -> None:
-        import time
-
+    def _compiled(self, shape: tuple[int, int, int]) -> Any:
+        """The compiled chunk for ``(K, A, B)``, building it on the shape's second use."""
+        if shape in self._fns or self.fallback_reason is not None:
+            return self._fns.get(shape)
+        if shape not in self._seen:
+            self._seen.add(shape)
+            return None
         start = time.perf_counter()
         try:
-            self._build()
+            if self.auto and self._gain(shape) <= _CACHED_LOAD_S:
+                self._decline(shape, "even a cached package", 0.0)  # not worth tracing the step
+            self._fns[shape] = self._build(shape)
+        except _StayEager:
+            self._fns[shape] = None
         except CompileUnsupported as exc:
             self._fallback(str(exc))
         except Exception as exc:  # a tracing/compiler failure is a reason to run eagerly, not to crash
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            self._fallback(f"{type(exc).__name__}: {' '.join(lines[:3])[:400]}")
+            self._fallback(_explain(exc))
         self.compile_seconds += time.perf_counter() - start
+        return self._fns.get(shape)
 
     def _fallback(self, reason: str) -> None:
-        self._fn = None
         self.fallback_reason = reason
-        warnings.warn(f"engine 'compiled' falls back to eager: {reason}", stacklevel=2)
+        warnings.warn(f"engine 'compiled' falls back to eager: {reason}", stacklevel=3)
 
     def _check_supported(self) -> None:
         model, opt = self.model, self.optimizer
@@ -145,10 +205,12 @@ class CompiledEngine(EagerEngine):
         if not in_opt <= trainable:
             raise CompileUnsupported("the optimizer holds tensors that are not trainable model parameters")
 
-    def _trace_step(self) -> tuple[torch.fx.GraphModule, list[Tensor]]:
-        """Trace one full per-sample step into a pure graph ``(flat, (x, y, lr)) -> (flat', stats)``.
+    def _trace_step(self, micro: int, rows: int) -> tuple[torch.fx.GraphModule, list[Tensor], list[list[str]]]:
+        """Trace one optimizer step into a pure graph ``(flat, (x, y, lr)) -> (flat', stats)``.
 
-        ``flat`` is the parameters followed by every optimizer state tensor, in a fixed order.
+        ``flat`` is the parameters followed by every optimizer state tensor, in a fixed order;
+        ``x`` and ``y`` hold ``micro`` micro-batches of ``rows`` samples, whose gradients are
+        summed with weight ``1 / micro`` (the eager engine's rule for equal micro-batches).
         """
         from torch.fx.experimental.proxy_tensor import make_fx
         from torch.func import functional_call, grad_and_value
@@ -175,9 +237,16 @@ class CompiledEngine(EagerEngine):
             ps = flat[:n_params]
             it = iter(flat[n_params:])
             ss = [{k: next(it) for k in keys} for keys in state_keys]
-            x, y, lr = xs  # x [1, ...], y [1, ...], lr [n_groups]
-            grads, loss = grad_value(tuple(ps), x, y)
+            x, y, lr = xs  # x [micro, rows, ...], y [micro, rows, ...], lr [n_groups]
+            grads, loss = grad_value(tuple(ps), x[0], y[0])
             grads = list(grads)
+            if micro > 1:
+                for a in range(1, micro):
+                    more, more_loss = grad_value(tuple(ps), x[a], y[a])
+                    grads = [g + m for g, m in zip(grads, more)]
+                    loss = loss + more_loss
+                grads = [g * (1.0 / micro) for g in grads]
+                loss = loss * (1.0 / micro)
             norm = global_norm(grads)  # pre-clip, as logged
             finite = torch.isfinite(norm) & torch.isfinite(loss)
             if clip_value is not None:
@@ -214,18 +283,24 @@ class CompiledEngine(EagerEngine):
             return out_p + out_s, stats
 
         flat = [p.detach() for p in params] + [opt.state[p][k] for p, keys in zip(params, state_keys) for k in keys]
-        x0, y0 = split.get(torch.zeros(1, dtype=torch.long, device=split.device))
+        x0, y0 = split.get(torch.zeros(micro * rows, dtype=torch.long, device=split.device))
+        x0, y0 = x0.reshape(micro, rows, *x0.shape[1:]), y0.reshape(micro, rows, *y0.shape[1:])
         lr0 = torch.zeros(len(groups), device=split.device)
         with torch.no_grad():
             graph = make_fx(step)(flat, (x0, y0, lr0))
         _strip_profiler(graph)
-        return graph, flat
+        return graph, flat, state_keys
 
-    def _cache_key(self, graph: torch.fx.GraphModule, inputs: list[Any]) -> str:
+    def _flat(self, state_keys: list[list[str]]) -> list[Tensor]:
+        """Parameters then optimizer state, read afresh (an eager step may replace state tensors)."""
+        state = self.optimizer.state
+        return [p.detach() for p in self.params] + [state[p][k] for p, keys in zip(self.params, state_keys) for k in keys]
+
+    def _cache_key(self, graph: torch.fx.GraphModule, inputs: list[Any], shape: tuple[int, int, int]) -> str:
         """A hash of everything the compiled chunk depends on: graph code, constants, input metas."""
         h = hashlib.sha256()
         h.update(f"{_FORMAT}|{torch.__version__}|{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}".encode())
-        h.update(f"|{self.chunk_size}|{self.train.signature()}|threads={self.threads}|".encode())
+        h.update(f"|{shape}|{self.train.signature()}|".encode())
         h.update(graph.code.encode())
         for name, value in sorted(graph.named_buffers()) + sorted(
             (n, v) for n, v in vars(graph).items() if isinstance(v, Tensor)
@@ -236,27 +311,33 @@ class CompiledEngine(EagerEngine):
             h.update(f"{tuple(t.shape)}:{t.dtype}:{t.device.type}|".encode())
         return h.hexdigest()[:32]
 
-    def _build(self) -> None:
+    def _build(self, shape: tuple[int, int, int]) -> Any:
+        """Compile (or load from the disk cache) the chunk of ``K`` steps of ``A x B`` samples."""
         from torch._higher_order_ops.scan import scan
 
         self._check_supported()
-        graph, flat = self._trace_step()
-        split, k = self.train, self.chunk_size
+        k, micro, rows = shape
+        graph, flat, state_keys = self._trace_step(micro, rows)
+        split = self.train
         data = split.tensors()
         n_groups = len(self.optimizer.param_groups)
 
         class Chunk(torch.nn.Module):
-            """K steps: gather the K samples, then scan the step over them."""
+            """K steps: gather all their samples at once, then scan the step over them."""
 
             def forward(self, flat: list[Tensor], data: dict[str, Tensor], idx: Tensor, lrs: Tensor):
-                x, y = split.gather(data, idx)  # [K, ...]
-                return scan(graph, flat, (x.unsqueeze(1), y.unsqueeze(1), lrs))  # flat', stats [K, 3]
+                x, y = split.gather(data, idx.reshape(-1))  # [K*A*B, ...]
+                x = x.reshape(k, micro, rows, *x.shape[1:])
+                y = y.reshape(k, micro, rows, *y.shape[1:])
+                return scan(graph, flat, (x, y, lrs))  # flat', stats [K, 3]
 
-        idx0 = torch.zeros(k, dtype=torch.long, device=split.device)
+        idx0 = torch.zeros(k, micro, rows, dtype=torch.long, device=split.device)
         lrs0 = torch.zeros(k, n_groups, device=split.device)
         example = (flat, data, idx0, lrs0)
-        path = cache_dir() / f"chunk-{self._cache_key(graph, list(example))}.pt2"
+        path = cache_dir() / f"chunk-{self._cache_key(graph, list(example), shape)}.pt2"
         self.cache_hit = path.exists()
+        if self.auto:
+            self._decide(shape, graph, self.cache_hit)
         if not self.cache_hit:
             with torch.no_grad():
                 exported = torch.export.export(Chunk(), example, strict=False)
@@ -270,6 +351,7 @@ class CompiledEngine(EagerEngine):
         stats = self.stats
 
         def run(idx: Tensor, lrs: Tensor) -> None:
+            flat = self._flat(state_keys)
             new_flat, out = runner(flat, data, idx, lrs)
             torch._foreach_copy_(flat, new_flat)
             ok = out[:, 2]
@@ -279,40 +361,74 @@ class CompiledEngine(EagerEngine):
             torch.maximum(stats.norm_max, good_norms.max(), out=stats.norm_max)
             stats.skipped += ok.numel() - ok.sum()
 
-        self._fn = run
+        return run
 
     # ------------------------------------------------------------------ run
 
     def _lr_table(self, k: int) -> Tensor:
         """The lr of each group for the next ``k`` steps, advancing the scheduler by ``k``."""
-        groups = self.optimizer.param_groups
-        sched = self.scheduler
-        device = self.train.device
-        if sched is None:
-            rows = [[float(g["lr"]) for g in groups]] * k
-        elif isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-            start = sched.last_epoch
-            rows = [[base * fn(start + j) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)] for j in range(k)]
-            sched.last_epoch = start + k
-            new = [base * fn(start + k) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-            for group, lr in zip(groups, new):
-                if isinstance(group["lr"], Tensor):
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
-            sched._last_lr = new
-        else:  # any other scheduler: step it for real, reading the lr each step used
-            rows = []
-            for _ in range(k):
-                rows.append([float(g["lr"]) for g in groups])
-                sched.step()
-        return torch.tensor(rows, dtype=torch.float32, device=device)
+        rows = advance_schedule(self.scheduler, self.optimizer, k)
+        return torch.tensor(rows, dtype=torch.float32, device=self.train.device)
 
-    def _run_chunk(self, idx: Tensor) -> None:
-        lrs = self._lr_table(idx.shape[0])
+    def _run(self, fn: Any, idx: Tensor) -> None:
+        """Run one compiled chunk over ``idx [K, A, B]``: K optimizer steps."""
+        k = idx.shape[0]
+        lrs = self._lr_table(k)
         with torch.no_grad():
-            self._fn(idx, lrs)
-        self.stats.steps += idx.shape[0]
+            fn(idx, lrs)
+        self.stats.steps += k
+        self.steps_done += k
+
+    def _decide(self, shape: tuple[int, int, int], graph: torch.fx.GraphModule, cached: bool) -> None:
+        """``auto``: compile only when it pays for itself over the steps left; log the choice.
+
+        The eager cost is measured (the shape's first chunk ran eagerly); the compiled speed-up and
+        the compile time are estimates from measurements on a 2-core CPU (docs/performance.md):
+        per-sample chunks run ~10x faster than eager steps, mini-batch steps ~1.3x; a cold compile
+        costs ~8 s plus ~20 ms per graph node, a cached package ~0.5 s.
+        """
+        nodes = len(graph.graph.nodes)
+        cost = _CACHED_LOAD_S if cached else _COMPILE_BASE_S + _COMPILE_PER_NODE_S * nodes
+        how = "a cached package" if cached else f"compiling (~{cost:.0f}s, {nodes} graph nodes)"
+        gain = self._gain(shape)
+        if gain <= cost:
+            self._decline(shape, how, gain)
+        self.choice = "compiled"
+        self.log(f"engine auto: compiled, using {how}: {self._situation(shape)}, ~{gain - cost:.0f}s saved")
+
+    def _gain(self, shape: tuple[int, int, int]) -> float:
+        """Seconds the compiled engine would save over the steps left, before its own cost."""
+        eager = self._eager_step_seconds.get(shape, 0.0)
+        speedup = _PER_SAMPLE_SPEEDUP if shape[1:] == (1, 1) else _MINIBATCH_SPEEDUP
+        return max(0, (self.total_steps or 0) - self.steps_done) * eager * (1 - 1 / speedup)
+
+    def _situation(self, shape: tuple[int, int, int]) -> str:
+        eager = self._eager_step_seconds.get(shape, 0.0)
+        left = max(0, (self.total_steps or 0) - self.steps_done)
+        return f"eager {eager * 1e6:,.0f} us/step, {left:,} steps left"
+
+    def _decline(self, shape: tuple[int, int, int], how: str, gain: float) -> None:
+        if self.choice is None:
+            self.choice = "eager"
+        self.log(f"engine auto: eager, {how} would not pay off: {self._situation(shape)}, ~{gain:.1f}s to gain")
+        raise _StayEager
+
+    @property
+    def label(self) -> str:
+        """The engine as the summary reports it."""
+        if self.auto:
+            return f"auto ({self.choice or 'eager'})"
+        return "compiled" if self.fallback_reason is None else "compiled (fell back to eager)"
+
+
+def _explain(exc: Exception) -> str:
+    """A one-line reason for a failed trace or compile, in the user's terms where we can."""
+    text = str(exc)
+    if "_local_scalar_dense" in text or "data-dependent" in text:
+        return ("the step reads a tensor's value on the host (.item(), float(t), or an if on a tensor), "
+                "so it cannot be traced; write optimizer maths as plain tensor ops (docs/optimizers.md)")  # fmt: skip
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines[:3])[:400]}"
 
 
 def _load_package(path: Path) -> Any:

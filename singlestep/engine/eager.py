@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from singlestep.engine.base import Engine
+from singlestep.engine.base import Engine, advance_schedule
 
 __all__ = ["EagerEngine"]
 
@@ -22,6 +22,29 @@ class EagerEngine(Engine):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._used: list[int] | None = None  # indices of params that receive a grad
+        # Per-step losses and norms are collected as tensors and summed once per call: one
+        # reduction instead of three in-place updates per step.
+        self._losses: list[Tensor] = []
+        self._norms: list[Tensor] = []
+
+    def _flush(self) -> None:
+        if not self._losses:
+            return
+        stats = self.stats
+        norms = torch.stack(self._norms)
+        stats.loss_sum += torch.stack(self._losses).sum()
+        stats.norm_sum += norms.sum()
+        torch.maximum(stats.norm_max, norms.max(), out=stats.norm_max)
+        self._losses.clear()
+        self._norms.clear()
+
+    def read(self) -> dict[str, float]:
+        self._flush()
+        return super().read()
+
+    def _schedule(self) -> None:
+        if self.scheduler is not None:
+            advance_schedule(self.scheduler, self.optimizer, 1)
 
     def _grads(self, loss: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
@@ -38,12 +61,10 @@ class EagerEngine(Engine):
         stats.steps += 1
         if self.check_finite and not bool(torch.isfinite(norm + loss)):  # host read: syncs on CUDA
             stats.skipped += 1
-            if self.scheduler is not None:
-                self.scheduler.step()  # the schedule counts steps taken, skipped or not
+            self._schedule()  # the schedule counts steps taken, skipped or not
             return
-        stats.loss_sum += loss.detach()
-        stats.norm_sum += norm
-        torch.maximum(stats.norm_max, norm, out=stats.norm_max)
+        self._losses.append(loss)
+        self._norms.append(norm)
         if self.clip_grad_value is not None:
             v = self.clip_grad_value
             torch._foreach_clamp_min_(grads, -v)
@@ -57,15 +78,16 @@ class EagerEngine(Engine):
         for i, g in zip(self._used, grads):
             self.params[i].grad = g
         self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self._schedule()
 
     def run_samples(self, idx: Tensor) -> None:
-        model, loss_fn, get = self.model, self.loss_fn, self.train.get
+        model, loss_fn = self.model, self.loss_fn
+        xs, ys = self.train.get(idx)  # one gather for the whole chunk: [k, ...]
         for j in range(idx.shape[0]):
-            x, y = get(idx[j : j + 1])  # [1, ...]
+            x, y = xs[j : j + 1], ys[j : j + 1]  # [1, ...] views
             loss = loss_fn(model(x), y)
             self._apply(self._grads(loss), loss.detach())
+        self._flush()
 
     def run_batch(self, micro_batches: list[Tensor]) -> None:
         total = sum(int(mb.shape[0]) for mb in micro_batches)
@@ -82,3 +104,4 @@ class EagerEngine(Engine):
                 torch._foreach_add_(grads, g)
                 loss_total = loss_total + loss.detach()
         self._apply(grads, loss_total)
+        self._flush()
