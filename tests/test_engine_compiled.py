@@ -147,3 +147,35 @@ def test_compiled_minibatch_with_accumulation_matches_eager():
     se, sc = eager.read(), compiled.read()
     assert sc["steps"] == se["steps"] == 61
     assert sc["loss"] == pytest.approx(se["loss"], rel=1e-5)
+
+
+def test_cuda_graph_engine_needs_cuda():
+    from singlestep.engine import CudaGraphEngine
+    from singlestep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'cuda_graph' needs a CUDA device"):
+        make(CudaGraphEngine, lambda p: SGD(p, lr=0.1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_matches_eager_on_gpu():
+    from singlestep.engine import CudaGraphEngine
+
+    def on_gpu(engine_cls):
+        torch.manual_seed(0)
+        split = classification_split().to(torch.device("cuda"))
+        model = nn.Linear(20, 5).cuda()
+        opt = SGD(model.parameters(), lr=0.05, momentum=0.9)
+        extra = {"chunk_size": 32} if engine_cls is CudaGraphEngine else {}
+        return engine_cls(model=model, loss_fn=loss_for("classification"), optimizer=opt, scheduler=None,
+                          train=split, clip_grad_norm=0.5, **extra)  # fmt: skip
+
+    order = torch.randperm(1200, generator=torch.Generator().manual_seed(1))[:1000].cuda()
+    eager, graphed = on_gpu(EagerEngine), on_gpu(CudaGraphEngine)
+    eager.run_samples(order)
+    graphed.run_samples(order)
+    assert graphed.fallback_reason is None and graphed._fns
+    for a, b in zip(eager.model.parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert graphed.read()["loss"] == pytest.approx(eager.read()["loss"], rel=1e-4)

@@ -10,9 +10,10 @@ from typing import Callable
 
 from singlestep.engine.base import Engine, StepStats
 from singlestep.engine.compiled import CompiledEngine
+from singlestep.engine.cuda_graph import CudaGraphEngine
 from singlestep.engine.eager import EagerEngine
 
-__all__ = ["Engine", "StepStats", "EagerEngine", "CompiledEngine", "build_engine"]
+__all__ = ["Engine", "StepStats", "EagerEngine", "CompiledEngine", "CudaGraphEngine", "build_engine"]
 
 
 def build_engine(
@@ -31,7 +32,9 @@ def build_engine(
     """
     if kind == "eager":
         return EagerEngine(**kwargs)
+    options = dict(chunk_size=chunk_size, batch_shape=batch_shape, total_steps=total_steps, log=log, **kwargs)
     if kind in ("compiled", "auto"):
-        return CompiledEngine(chunk_size=chunk_size, batch_shape=batch_shape, auto=kind == "auto",
-                              total_steps=total_steps, log=log, **kwargs)  # fmt: skip
+        return CompiledEngine(auto=kind == "auto", **options)
+    if kind == "cuda_graph":
+        return CudaGraphEngine(**options)
     raise ValueError(f"unknown engine {kind!r}")

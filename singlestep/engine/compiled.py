@@ -318,6 +318,7 @@ class CompiledEngine(EagerEngine):
         self._check_supported()
         k, micro, rows = shape
         graph, flat, state_keys = self._trace_step(micro, rows)
+        self._state_keys = state_keys
         split = self.train
         data = split.tensors()
         n_groups = len(self.optimizer.param_groups)
