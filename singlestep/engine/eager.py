@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,7 @@ class EagerEngine(Engine):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._used: list[int] | None = None  # indices of params that receive a grad
+        self._ones: dict[torch.dtype, Tensor] = {}
         # Per-step losses and norms are collected as tensors and summed once per call: one
         # reduction instead of three in-place updates per step.
         self._losses: list[Tensor] = []
@@ -47,7 +50,11 @@ class EagerEngine(Engine):
             advance_schedule(self.scheduler, self.optimizer, 1)
 
     def _grads(self, loss: Tensor) -> list[Tensor]:
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        # A reused grad_outputs saves autograd a ones_like per step.
+        one = self._ones.get(loss.dtype)
+        if one is None:
+            one = self._ones[loss.dtype] = torch.ones((), dtype=loss.dtype, device=loss.device)
+        grads = torch.autograd.grad(loss, self.params, grad_outputs=one, allow_unused=True)
         if self._used is None:
             self._used = [i for i, g in enumerate(grads) if g is not None]
             if not self._used:
@@ -59,7 +66,8 @@ class EagerEngine(Engine):
         stats = self.stats
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pre-clip global L2
         stats.steps += 1
-        if self.check_finite and not bool(torch.isfinite(norm + loss)):  # host read: syncs on CUDA
+        # One host read (a sync on CUDA) instead of isfinite's several kernels and a read.
+        if self.check_finite and not math.isfinite(float(norm + loss)):
             stats.skipped += 1
             self._schedule()  # the schedule counts steps taken, skipped or not
             return
