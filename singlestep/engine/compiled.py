@@ -324,17 +324,25 @@ class CompiledEngine(EagerEngine):
         n_groups = len(self.optimizer.param_groups)
 
         class Chunk(torch.nn.Module):
-            """K steps: gather all their samples at once, then scan the step over them."""
+            """K steps: gather all their samples at once, scan the step over them, fold statistics."""
 
-            def forward(self, flat: list[Tensor], data: dict[str, Tensor], idx: Tensor, lrs: Tensor):
+            def forward(self, flat: list[Tensor], data: dict[str, Tensor], idx: Tensor, lrs: Tensor,
+                        sums: Tensor):  # fmt: skip
                 x, y = split.gather(data, idx.reshape(-1))  # [K*A*B, ...]
                 x = x.reshape(k, micro, rows, *x.shape[1:])
                 y = y.reshape(k, micro, rows, *y.shape[1:])
-                return scan(graph, flat, (x, y, lrs))  # flat', stats [K, 3]
+                new_flat, out = scan(graph, flat, (x, y, lrs))  # out [K, 3]: loss, norm, finite
+                ok = out[:, 2]
+                good = out[:, :2] * ok[:, None]
+                # sums: loss_sum, norm_sum, norm_max, skipped (the engine's window statistics)
+                new_sums = torch.stack([sums[0] + good[:, 0].sum(), sums[1] + good[:, 1].sum(),
+                                        torch.maximum(sums[2], good[:, 1].max()), sums[3] + (k - ok.sum())])  # fmt: skip
+                return new_flat, new_sums
 
         idx0 = torch.zeros(k, micro, rows, dtype=torch.long, device=split.device)
         lrs0 = torch.zeros(k, n_groups, device=split.device)
-        example = (flat, data, idx0, lrs0)
+        sums0 = torch.zeros(4, device=split.device)
+        example = (flat, data, idx0, lrs0, sums0)
         path = cache_dir() / f"chunk-{self._cache_key(graph, list(example), shape)}.pt2"
         self.cache_hit = path.exists()
         if self.auto:
@@ -349,18 +357,16 @@ class CompiledEngine(EagerEngine):
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
             os.replace(tmp, path)  # atomic: a concurrent run sees a whole file or none
         runner = _load_package(path)
+        call = _direct_call(runner, example)
         stats = self.stats
+        data_list = list(data.values())
 
         def run(idx: Tensor, lrs: Tensor) -> None:
             flat = self._flat(state_keys)
-            new_flat, out = runner(flat, data, idx, lrs)
-            torch._foreach_copy_(flat, new_flat)
-            ok = out[:, 2]
-            stats.loss_sum += (out[:, 0] * ok).sum()
-            good_norms = out[:, 1] * ok
-            stats.norm_sum += good_norms.sum()
-            torch.maximum(stats.norm_max, good_norms.max(), out=stats.norm_max)
-            stats.skipped += ok.numel() - ok.sum()
+            sums = torch.stack([stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped])
+            outputs = call([*flat, *data_list, idx, lrs, sums])  # new flat..., new sums
+            torch._foreach_copy_([*flat, stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped],
+                                 [*outputs[:-1], *outputs[-1].unbind()])  # fmt: skip
 
         return run
 
@@ -430,6 +436,32 @@ def _explain(exc: Exception) -> str:
                 "so it cannot be traced; write optimizer maths as plain tensor ops (docs/optimizers.md)")  # fmt: skip
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(exc).__name__}: {' '.join(lines[:3])[:400]}"
+
+
+def _direct_call(runner: Any, example: tuple) -> Callable[[list[Tensor]], list[Tensor]]:
+    """The package's native entry point, fed a flat list of tensors.
+
+    The package's own ``__call__`` flattens and unflattens nested inputs with pytree on every
+    call, which costs as much as several per-sample steps; the order is fixed, so it is checked
+    once here against pytree's and then skipped.
+    """
+    import torch.utils._pytree as pytree
+
+    flat, data, *rest = example
+    ours = [*flat, *data.values(), *rest]
+    leaves = pytree.tree_leaves(example)
+    loader = getattr(runner, "loader", None)
+    same_order = len(leaves) == len(ours) and all(a is b for a, b in zip(leaves, ours))
+    if not same_order or not hasattr(loader, "boxed_run"):
+        return lambda inputs: pytree.tree_leaves(runner(*flat_to_nested(inputs, example)))
+    return loader.boxed_run  # takes (and empties) a fresh list per call
+
+
+def flat_to_nested(inputs: list[Tensor], example: tuple) -> tuple:
+    """Rebuild ``(flat, data, *rest)`` from the flat list (the slow, general path)."""
+    flat, data, *rest = example
+    n, m = len(flat), len(data)
+    return (inputs[:n], dict(zip(data.keys(), inputs[n : n + m])), *inputs[n + m :])
 
 
 def _load_package(path: Path) -> Any:
