@@ -128,15 +128,35 @@ class TensorSplit(Split):
             out["scale"], out["shift"] = self._scale, self._shift
         return out
 
+    def _row_words(self, inputs: Tensor) -> Tensor | None:
+        """uint8 rows seen as int64 words: gathering 8 bytes at a time is ~10x faster."""
+        row = inputs[0].numel() if inputs.shape[0] else 0
+        if inputs.dtype != torch.uint8 or row % 8 or not inputs.is_contiguous():
+            return None
+        return inputs.view(inputs.shape[0], row).view(torch.int64)
+
     def gather(self, tensors: dict[str, Tensor], idx: Tensor) -> tuple[Tensor, Tensor]:
-        x = tensors["inputs"][idx]
-        if x.dtype == torch.uint8:
-            if "scale" in tensors:
-                x = x.float() * tensors["scale"] + tensors["shift"]  # per channel: [b, C, ...] * [C, 1, ...]
-            else:
-                # One fused expression: (x/255 - mean)/std == x * a + b.
-                x = x.float() * (1.0 / (255.0 * self.std)) + (-self.mean / self.std)
-        return x, tensors["targets"][idx]
+        inputs = tensors["inputs"]
+        words = self._row_words(inputs)
+        if words is not None:
+            x = words.index_select(0, idx.reshape(-1)).view(torch.uint8).view(-1, *inputs.shape[1:])
+        else:
+            x = inputs[idx]
+        return self._convert(x, tensors), tensors["targets"][idx]
+
+    def chunks(self, size: int):
+        for start in range(0, len(self), size):  # contiguous rows: slices, no gather
+            yield self._convert(self.inputs[start : start + size]), self.targets[start : start + size]
+
+    def _convert(self, x: Tensor, tensors: dict[str, Tensor] | None = None) -> Tensor:
+        """uint8 rows to normalised floats (other dtypes pass through)."""
+        if x.dtype != torch.uint8:
+            return x
+        tensors = self.tensors() if tensors is None else tensors
+        if "scale" in tensors:
+            return x.float() * tensors["scale"] + tensors["shift"]  # per channel: [b, C, ...] * [C, 1, ...]
+        # One fused expression: (x/255 - mean)/std == x * a + b.
+        return x.float() * (1.0 / (255.0 * self.std)) + (-self.mean / self.std)
 
     def signature(self) -> str:
         return f"TensorSplit(mean={self.mean}, std={self.std})"
