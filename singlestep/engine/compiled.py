@@ -64,7 +64,38 @@ def cache_dir() -> Path:
 
 
 # Bump when the chunk's structure changes, so stale cached packages are never loaded.
-_FORMAT = "singlestep-chunk-v1"
+_FORMAT = "singlestep-chunk-v2"
+
+
+# A matmul with at most this many multiply-adds is traced as a broadcast multiply and a sum.
+_TINY_MATMUL = 65536
+
+
+def _tiny_matmul_decompositions() -> dict:
+    """Trace tiny ``mm`` / ``addmm`` as pointwise maths that Inductor fuses into its own loops.
+
+    A per-sample step of a small model is full of matmuls like 1x784 @ 784x10 (the forward) and
+    10x1 @ 1x784 (the weight gradient). As BLAS calls each costs microseconds of set-up for
+    nanoseconds of arithmetic; as a multiply and a sum they fuse with their neighbours
+    (measured: 15.5 -> 11.8 us per softmax-regression step). Larger matmuls keep BLAS.
+    """
+    aten = torch.ops.aten
+
+    def tiny(a: Tensor, b: Tensor) -> bool:
+        return a.dim() == 2 and b.dim() == 2 and a.shape[0] * a.shape[1] * b.shape[1] <= _TINY_MATMUL
+
+    def mm(a: Tensor, b: Tensor) -> Any:
+        if not tiny(a, b):
+            return NotImplemented  # traced as the usual op
+        return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)
+
+    def addmm(bias: Tensor, a: Tensor, b: Tensor, *, beta: Any = 1, alpha: Any = 1) -> Any:
+        if not tiny(a, b):
+            return NotImplemented
+        out = (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)
+        return (out if alpha == 1 else out * alpha) + (bias if beta == 1 else bias * beta)
+
+    return {aten.mm.default: mm, aten.addmm.default: addmm}
 
 
 def _strip_profiler(gm: torch.fx.GraphModule) -> None:
@@ -293,7 +324,7 @@ class CompiledEngine(EagerEngine):
         x0, y0 = x0.reshape(micro, rows, *x0.shape[1:]), y0.reshape(micro, rows, *y0.shape[1:])
         lr0 = torch.zeros(len(groups), device=split.device)
         with torch.no_grad():
-            graph = make_fx(step)(flat, (x0, y0, lr0))
+            graph = make_fx(step, decomposition_table=_tiny_matmul_decompositions())(flat, (x0, y0, lr0))
         _strip_profiler(graph)
         return graph, flat, state_keys
 
