@@ -319,7 +319,7 @@ class CompiledEngine(EagerEngine):
             stats = torch.stack([loss.detach().float(), norm.detach().float(), finite.float()])
             return out_p + out_s, stats
 
-        flat = [p.detach() for p in params] + [opt.state[p][k] for p, keys in zip(params, state_keys) for k in keys]
+        flat = self._flat(state_keys)
         x0, y0 = split.get(torch.zeros(micro * rows, dtype=torch.long, device=split.device))
         x0, y0 = x0.reshape(micro, rows, *x0.shape[1:]), y0.reshape(micro, rows, *y0.shape[1:])
         lr0 = torch.zeros(len(groups), device=split.device)
