@@ -385,6 +385,9 @@ class CompiledEngine(EagerEngine):
         if self.auto:
             self._decide(shape, graph, self.cache_hit)
         if not self.cache_hit:
+            what = f"{k} per-sample steps" if (micro, rows) == (1, 1) else f"one step of {micro} x {rows} samples"
+            self.log(f"engine {self.name}: compiling {what} per call (once; cached in {cache_dir()})")
+            started = time.perf_counter()
             with torch.no_grad():
                 exported = torch.export.export(Chunk(), example, strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -393,6 +396,7 @@ class CompiledEngine(EagerEngine):
                 warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation chatter inside torch
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
             os.replace(tmp, path)  # atomic: a concurrent run sees a whole file or none
+            self.log(f"engine {self.name}: compiled in {time.perf_counter() - started:.1f}s")
         runner = _load_package(path)
         call = _direct_call(runner, example)
         stats = self.stats
