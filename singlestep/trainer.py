@@ -8,14 +8,12 @@ shuffle RNG) lives in :class:`LoopState`.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import torch
 

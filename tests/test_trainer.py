@@ -141,8 +141,8 @@ def test_orders_differ_per_epoch_and_depend_on_seed():
 
 
 def test_linear_regression_learns_the_true_map(tmp_path):
-    t = train(tmp_path, data={"name": "synthetic_regression", "in_features": 4, "train_size": 512, "noise": 0.01},
-              trainer={"mode": "per_sample", "epochs": 3, "progress": False, "log_every": 500})  # fmt: skip
+    train(tmp_path, data={"name": "synthetic_regression", "in_features": 4, "train_size": 512, "noise": 0.01},
+          trainer={"mode": "per_sample", "epochs": 3, "progress": False, "log_every": 500})  # fmt: skip
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final"]["test"]["r2"] > 0.99
     assert summary["steps"] == 3 * 512

@@ -59,13 +59,12 @@ class StepStats:
 
     def read(self) -> dict[str, float]:
         """Means over the window since the last read. This syncs the device."""
-        n = max(self.steps, 1)
         loss_sum, norm_sum, norm_max, skipped = torch.stack(
             [self.loss_sum, self.norm_sum, self.norm_max, self.skipped]
         ).tolist()  # one sync for all four
         taken = max(self.steps - int(skipped), 1)
         out = {"loss": loss_sum / taken, "grad_norm": norm_sum / taken, "grad_norm_max": norm_max,
-               "skipped_steps": int(skipped), "steps": n}  # fmt: skip
+               "skipped_steps": int(skipped), "steps": self.steps}  # fmt: skip
         self.reset()
         return out
 

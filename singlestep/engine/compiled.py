@@ -494,11 +494,11 @@ def _direct_call(runner: Any, example: tuple) -> Callable[[list[Tensor]], list[T
     loader = getattr(runner, "loader", None)
     same_order = len(leaves) == len(ours) and all(a is b for a, b in zip(leaves, ours))
     if not same_order or not hasattr(loader, "boxed_run"):
-        return lambda inputs: pytree.tree_leaves(runner(*flat_to_nested(inputs, example)))
+        return lambda inputs: pytree.tree_leaves(runner(*_flat_to_nested(inputs, example)))
     return loader.boxed_run  # takes (and empties) a fresh list per call
 
 
-def flat_to_nested(inputs: list[Tensor], example: tuple) -> tuple:
+def _flat_to_nested(inputs: list[Tensor], example: tuple) -> tuple:
     """Rebuild ``(flat, data, *rest)`` from the flat list (the slow, general path)."""
     flat, data, *rest = example
     n, m = len(flat), len(data)
