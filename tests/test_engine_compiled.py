@@ -179,3 +179,60 @@ def test_cuda_graph_matches_eager_on_gpu():
     for a, b in zip(eager.model.parameters(), graphed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert graphed.read()["loss"] == pytest.approx(eager.read()["loss"], rel=1e-4)
+
+
+FOREACH_CALLS = [
+    ("_foreach_add", lambda a, b: (a, b), {"alpha": 0.5}),
+    ("_foreach_add", lambda a, b: (a, 2.0), {}),
+    ("_foreach_add_", lambda a, b: (a, torch.tensor(3.0)), {}),
+    ("_foreach_mul", lambda a, b: (a, [2.0, -1.0]), {}),
+    ("_foreach_mul_", lambda a, b: (a, [torch.tensor(2.0, dtype=torch.float64), torch.tensor(3.0)]), {}),
+    ("_foreach_lerp_", lambda a, b: (a, b, 0.1), {}),
+    ("_foreach_addcmul_", lambda a, b: (a, b, b, 0.25), {}),
+    ("_foreach_addcdiv_", lambda a, b: (a, b, [t.abs() + 1 for t in b], 0.5), {}),
+    ("_foreach_addcmul_", lambda a, b: (a, b, b), {"value": -2.0}),
+    ("_foreach_sqrt", lambda a, b: ([t.abs() for t in a],), {}),
+    ("_foreach_div_", lambda a, b: (a, [t.abs() + 1 for t in b]), {}),
+    ("_foreach_maximum_", lambda a, b: (a, b), {}),
+    ("_foreach_neg", lambda a, b: (a,), {}),
+    ("_foreach_sign", lambda a, b: (a,), {}),
+    ("_foreach_clamp_min_", lambda a, b: (a, -0.1), {}),
+    ("_foreach_norm", lambda a, b: (a,), {}),
+    ("_foreach_norm", lambda a, b: (a, 1), {}),
+    ("_foreach_copy_", lambda a, b: (a, b), {}),
+    ("_foreach_zero_", lambda a, b: (a,), {}),
+    ("_foreach_pow", lambda a, b: ([t.abs() for t in a], 2.0), {}),
+]
+
+
+@pytest.mark.parametrize("name,make,kwargs", FOREACH_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(FOREACH_CALLS)])
+def test_foreach_decompositions_match_foreach_ops(name, make, kwargs):
+    """The compiled trace spells ``_foreach`` ops out per tensor; both must give the same numbers."""
+    from singlestep.engine.compiled import _foreach_decompositions
+
+    table = _foreach_decompositions()
+
+    def fresh():
+        torch.manual_seed(0)
+        a, b = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
+        return a, make(a, b)
+
+    packet = getattr(torch.ops.aten, name)
+    for overload in packet.overloads():  # the overload torch's dispatcher picks for these arguments
+        op = getattr(packet, overload)
+        a1, args1 = fresh()
+        try:
+            out1 = op(*args1, **kwargs)
+        except (RuntimeError, TypeError):
+            continue
+        break
+    else:
+        pytest.fail(f"no overload of {name} takes these arguments")
+    a2, args2 = fresh()
+    out2 = table[op](*args2, **kwargs)
+    if name.endswith("_"):
+        assert out2 is None
+        out1, out2 = a1, a2
+    assert len(out1) == len(out2) == 2
+    for x, y in zip(out1, out2):
+        torch.testing.assert_close(y, x, rtol=0, atol=0)

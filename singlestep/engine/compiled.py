@@ -98,6 +98,56 @@ def _tiny_matmul_decompositions() -> dict:
     return {aten.mm.default: mm, aten.addmm.default: addmm}
 
 
+def _foreach_decompositions() -> dict:
+    """Trace ``torch._foreach_*`` ops as the loop of single-tensor ops they stand for.
+
+    Optimizers in torch.optim's shape often update a whole group with one ``_foreach`` call
+    (ours do, to save launches in eager steps). The scan HOP the chunk is built on does not take
+    ops that return lists of tensors, and the per-tensor ops compute the same numbers, so the
+    trace spells the loop out; Inductor fuses it again.
+    """
+    aten = torch.ops.aten
+    table: dict = {}
+    # Every registered foreach op (``dir(torch.ops.aten)`` lists only the ops looked up so far).
+    names = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("aten::_foreach_")}
+    for name in sorted(names):
+        base_name = name[len("_foreach_") :]
+        inplace = base_name.endswith("_")
+        stem = base_name.rstrip("_")
+        if stem == "norm":
+            base = aten.linalg_vector_norm
+        else:
+            base = getattr(aten, stem + ("_" if inplace else ""), None)
+            if base is None and inplace and hasattr(aten, stem):  # e.g. maximum: no in-place op
+                base = _into_self(getattr(aten, stem))
+        if base is None:
+            continue
+        packet = getattr(aten, name)
+        for overload in packet.overloads():
+            table[getattr(packet, overload)] = _per_tensor(base, inplace, stem)
+    return table
+
+
+def _into_self(op: Any) -> Callable[..., Tensor]:
+    return lambda t, *args, **kwargs: t.copy_(op(t, *args, **kwargs))
+
+
+def _per_tensor(base: Any, inplace: bool, stem: str) -> Callable[..., Any]:
+    # Where the foreach schema takes a scalar positionally that the single-tensor op takes by
+    # keyword: addcmul / addcdiv's ``value``, norm's ``dtype``.
+    keyword = {"addcmul": "value", "addcdiv": "value", "norm": "dtype"}.get(stem)
+    positional = {"addcmul": 3, "addcdiv": 3, "norm": 2}.get(stem)
+
+    def loop(*args: Any, **kwargs: Any) -> Any:
+        if keyword is not None and len(args) > positional:
+            args, kwargs = args[:positional], {**kwargs, keyword: args[positional]}
+        n = next(len(a) for a in args if isinstance(a, (list, tuple)))
+        out = [base(*[a[i] if isinstance(a, (list, tuple)) else a for a in args], **kwargs) for i in range(n)]
+        return None if inplace else out
+
+    return loop
+
+
 def _strip_profiler(gm: torch.fx.GraphModule) -> None:
     """Remove ``record_function`` enter/exit nodes (from ``Optimizer.step``'s profiling hook)."""
     for node in reversed(list(gm.graph.nodes)):
@@ -324,7 +374,8 @@ class CompiledEngine(EagerEngine):
         x0, y0 = x0.reshape(micro, rows, *x0.shape[1:]), y0.reshape(micro, rows, *y0.shape[1:])
         lr0 = torch.zeros(len(groups), device=split.device)
         with torch.no_grad():
-            graph = make_fx(step, decomposition_table=_tiny_matmul_decompositions())(flat, (x0, y0, lr0))
+            table = {**_foreach_decompositions(), **_tiny_matmul_decompositions()}
+            graph = make_fx(step, decomposition_table=table)(flat, (x0, y0, lr0))
         _strip_profiler(graph)
         return graph, flat, state_keys
 

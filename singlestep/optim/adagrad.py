@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from singlestep.optim._foreach import _foreach_ok
 from singlestep.optim._scalar_state import _scalar_state_to_fp32, _scalar_zero
 from singlestep.registry import OPTIMIZERS
 
@@ -141,6 +142,10 @@ def adagrad(
     maximize: bool,
 ) -> None:
     """Functional Adagrad; see :class:`Adagrad`."""
+    if _foreach_ok(params, grads, state_sums):
+        _multi_tensor_adagrad(params, grads, state_sums, state_steps, lr=lr, weight_decay=weight_decay,
+                              lr_decay=lr_decay, eps=eps, maximize=maximize)  # fmt: skip
+        return
     for param, grad, state_sum, step_t in zip(params, grads, state_sums, state_steps):
         step_t += 1
         grad = grad if not maximize else -grad
@@ -152,3 +157,31 @@ def adagrad(
         state_sum.addcmul_(grad, grad, value=1)
         std = state_sum.sqrt().add_(eps)
         param.add_(grad / std * -clr)
+
+
+def _multi_tensor_adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    lr_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """The loop above with one ``_foreach`` call per op (same numbers)."""
+    torch._foreach_add_(state_steps, 1)
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+
+    neg_clr = (lr / (1 + (torch.stack(state_steps) - 1) * lr_decay)).neg()  # [n]
+    torch._foreach_addcmul_(state_sums, grads, grads, value=1)
+    std = torch._foreach_sqrt(state_sums)
+    torch._foreach_add_(std, eps)
+    update = torch._foreach_div(grads, std)
+    torch._foreach_mul_(update, list(neg_clr.unbind()))
+    torch._foreach_add_(params, update)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from singlestep.optim._foreach import _foreach_ok
 from singlestep.optim._scalar_state import _scalar_state_to_fp32, _scalar_zero
 from singlestep.registry import OPTIMIZERS
 
@@ -169,6 +170,11 @@ def adam(
     decoupled_weight_decay: bool,
 ) -> None:
     """Functional Adam / AdamW; see :class:`Adam` (``decoupled_weight_decay`` selects AdamW)."""
+    if _foreach_ok(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+        _multi_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad=amsgrad,
+                           beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,
+                           decoupled_weight_decay=decoupled_weight_decay)  # fmt: skip
+        return
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         exp_avg = exp_avgs[i]
@@ -200,3 +206,54 @@ def adam(
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
 
         param.add_(exp_avg / denom * -step_size)
+
+
+def _multi_tensor_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """The loop above with one ``_foreach`` call per op; the bias corrections of all tensors are
+    computed together from their stacked step counters (float64, as above)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(state_steps, 1)
+
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+    step = torch.stack(state_steps).double()  # [n]
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step).sqrt()
+    neg_step_size = (lr / bias_correction1).neg()
+
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_exp_avg_sqs)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
+    torch._foreach_add_(denom, eps)
+
+    update = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(update, list(neg_step_size.unbind()))
+    torch._foreach_add_(params, update)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from singlestep.optim._foreach import _foreach_ok
 from singlestep.optim._scalar_state import _scalar_state_to_fp32, _scalar_zero
 from singlestep.registry import OPTIMIZERS
 
@@ -151,6 +152,10 @@ def sgd(
     maximize: bool,
 ) -> None:
     """Functional SGD; see :class:`SGD`. ``state_steps`` is only used when ``dampening != 0``."""
+    if dampening == 0 and _foreach_ok(params, grads, momentum_buffers):
+        _multi_tensor_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)  # fmt: skip
+        return
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
 
@@ -170,3 +175,26 @@ def sgd(
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
 
         param.add_(grad * -lr)
+
+
+def _multi_tensor_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """The loop above with ``dampening == 0``, one ``_foreach`` call per op (same numbers)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0:
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, grads)
+        grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
+    torch._foreach_add_(params, torch._foreach_mul(grads, -lr))

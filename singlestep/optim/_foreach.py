@@ -1,0 +1,22 @@
+"""When an optimizer may update a group's tensors with one ``torch._foreach_*`` call per op.
+
+A ``_foreach`` op does the same per-element maths as a loop of single-tensor ops (same roundings,
+same results), but crosses from Python into ATen once for the whole list: for a per-sample step on
+a small model, or a model of many small tensors, the launches are most of the step's cost. Like
+torch.optim, we take the foreach path when every tensor involved shares one device and dtype.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__: list[str] = []
+
+
+def _foreach_ok(*tensor_lists: list[Tensor]) -> bool:
+    """True when all tensors in all lists share the first one's device and dtype (and are dense)."""
+    first = next((ts[0] for ts in tensor_lists if ts), None)
+    if first is None:
+        return False
+    device, dtype = first.device, first.dtype
+    return all(t.device == device and t.dtype == dtype and not t.is_sparse for ts in tensor_lists for t in ts)

@@ -1,0 +1,72 @@
+"""The eager engine's CPU shortcuts keep its numbers and torch's hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from singlestep.data.base import TensorSplit
+from singlestep.engine import EagerEngine
+from singlestep.losses import loss_for
+from singlestep.optim import SGD, Adam
+
+
+def _engine(opt_factory, **kw) -> EagerEngine:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (400, 12), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 4, (400,), generator=g)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+    return EagerEngine(model=model, loss_fn=loss_for("classification"), optimizer=opt_factory(model.parameters()),
+                       scheduler=None, train=TensorSplit(x, y, mean=0.5, std=0.3), **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("kw", [{"clip_grad_norm": 0.3}, {"clip_grad_norm": 50.0}, {"clip_grad_value": 0.01, "clip_grad_norm": 0.2}])
+def test_host_scalar_path_matches_device_path(kw):
+    """On the CPU the clip coefficient is host arithmetic; it must scale exactly as the tensor maths."""
+    host = _engine(lambda p: Adam(p, lr=1e-2), **kw)
+    device = _engine(lambda p: Adam(p, lr=1e-2), **kw)
+    device._host_scalars = False
+    assert host._host_scalars
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(3))
+    host.run_samples(order)
+    device.run_samples(order)
+    for a, b in zip(device.model.parameters(), host.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    h, d = host.read(), device.read()
+    assert h["steps"] == d["steps"] == 400
+    for key in ("loss", "grad_norm", "grad_norm_max"):
+        assert h[key] == pytest.approx(d[key], rel=1e-5)
+
+
+def test_step_hooks_still_run():
+    engine = _engine(lambda p: SGD(p, lr=0.1))
+    calls = []
+    handle = engine.optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    engine.run_samples(torch.arange(10))
+    assert len(calls) == 10
+    handle.remove()
+    engine.run_samples(torch.arange(10, 20))  # no hook: the unwrapped step, same maths
+    assert len(calls) == 10
+
+
+def test_unwrapped_step_gives_the_same_numbers():
+    fast, wrapped = _engine(lambda p: SGD(p, lr=0.1, momentum=0.9)), _engine(lambda p: SGD(p, lr=0.1, momentum=0.9))
+    wrapped._bare_step = None
+    fast.run_samples(torch.arange(50))
+    wrapped.run_samples(torch.arange(50))
+    for a, b in zip(wrapped.model.parameters(), fast.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_non_finite_step_is_skipped_on_the_host_path():
+    engine = _engine(lambda p: SGD(p, lr=0.1))
+    with torch.no_grad():
+        engine.model[0].weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    engine.run_samples(torch.arange(3))
+    stats = engine.read()
+    assert stats["skipped_steps"] == 3
+    for a, b in zip(before, engine.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)

@@ -1,0 +1,57 @@
+"""The ``_foreach`` paths of sgd / adam / adagrad compute the same numbers as their per-tensor loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from singlestep.optim import adagrad as adagrad_mod
+from singlestep.optim import adam as adam_mod
+from singlestep.optim import sgd as sgd_mod
+from singlestep.optim._foreach import _foreach_ok
+from singlestep.optim.adamw import AdamW
+
+CASES = [
+    (sgd_mod, "SGD", {"lr": 0.1}),
+    (sgd_mod, "SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
+    (sgd_mod, "SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "maximize": True}),
+    (adam_mod, "Adam", {"lr": 0.01}),
+    (adam_mod, "Adam", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "maximize": True}),
+    (adam_mod, "AdamW", {"lr": 0.01, "weight_decay": 0.1}),  # AdamW runs adam.adam
+    (adagrad_mod, "Adagrad", {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.01}),
+]
+
+
+def _run(module, cls_name: str, kwargs: dict, monkeypatch, foreach: bool, lr_tensor: bool) -> list[torch.Tensor]:
+    with monkeypatch.context() as m:
+        if not foreach:
+            m.setattr(module, "_foreach_ok", lambda *lists: False)
+        torch.manual_seed(0)
+        params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(2, 2, 2, requires_grad=True)]  # fmt: skip
+        kw = dict(kwargs, lr=torch.tensor(kwargs["lr"])) if lr_tensor else kwargs
+        cls = AdamW if cls_name == "AdamW" else getattr(module, cls_name)
+        opt = cls(params, **kw)
+        for step in range(5):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (step + 1) + i)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_foreach_path_matches_loop(case, lr_tensor, monkeypatch):
+    module, cls_name, kwargs = case
+    looped = _run(module, cls_name, kwargs, monkeypatch, foreach=False, lr_tensor=lr_tensor)
+    fused = _run(module, cls_name, kwargs, monkeypatch, foreach=True, lr_tensor=lr_tensor)
+    moved = [not torch.equal(a, b) for a, b in zip(looped, _run(module, cls_name, dict(kwargs, lr=0.0), monkeypatch, True, False))]  # fmt: skip
+    assert any(moved)  # the steps did something
+    for a, b in zip(looped, fused):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_foreach_only_for_one_device_and_dtype():
+    a, b = torch.zeros(2), torch.zeros(2)
+    assert _foreach_ok([a, b], [a])
+    assert not _foreach_ok([a, torch.zeros(2, dtype=torch.float64)])
+    assert not _foreach_ok([], [])
