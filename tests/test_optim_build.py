@@ -108,3 +108,24 @@ def test_unknown_rule_key_is_a_config_error():
 def test_invalid_hyper_parameter_is_a_config_error():
     with pytest.raises(ConfigError, match="optimizer: Invalid rho value: 1.5"):
         build_optimizer(_Net(), OPTIMIZERS.get("adadelta"), {"rho": 1.5})
+
+
+def test_building_an_optimizer_does_not_import_the_compiler():
+    """``Optimizer.add_param_group`` would import torch._dynamo (~1 s of every run's start-up)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from singlestep.optim.build import build_optimizer\n"
+        "from singlestep.optim import Adam\n"
+        "opt, _ = build_optimizer(torch.nn.Linear(3, 2), Adam, {'lr': 0.1})\n"
+        "raw = torch.optim.Optimizer.add_param_group.__wrapped__\n"
+        "print('torch._dynamo' in sys.modules, hasattr(raw, '__dynamo_disable'), len(opt.param_groups))\n"
+        "import torch._dynamo\n"
+        "opt.add_param_group({'params': [torch.nn.Parameter(torch.zeros(2))]})\n"  # torch's own path again
+        "print(hasattr(raw, '__dynamo_disable'), len(opt.param_groups))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "False False 2"  # two groups (decay / no decay), no compiler, nothing left behind
+    assert out[1] == "True 3"
