@@ -120,15 +120,38 @@ def test_second_build_loads_the_cached_package(tmp_path, monkeypatch):
     first.run_samples(torch.arange(100))
     assert first.fallback_reason is None and not first.cache_hit
     assert len(list((tmp_path / "compiled").glob("chunk-*.pt2"))) == 1
+    assert len(list((tmp_path / "compiled").glob("recipe-*.txt"))) == 1
     second = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9))
+    # The recipe names the package: the second build neither traces nor compiles.
+    monkeypatch.setattr(CompiledEngine, "_trace_step", lambda *a: pytest.fail("traced despite a known recipe"))
     second.run_samples(torch.arange(100))
     assert second.cache_hit and second.fallback_reason is None
+    monkeypatch.undo()
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
     for a, b in zip(first.model.parameters(), second.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # A different hyper-parameter is a different graph: no stale package is reused.
     third = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.5))
     third.run_samples(torch.arange(100))
     assert not third.cache_hit
+    # A different base lr is the same graph (lrs are an input): same recipe, no compile.
+    fourth = make(CompiledEngine, lambda p: SGD(p, lr=0.01, momentum=0.9))
+    assert fourth._recipe_key((32, 1, 1), ()) == first._recipe_key((32, 1, 1), ())
+    assert make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9), clip_grad_norm=1.0)._recipe_key(
+        (32, 1, 1), ()) != first._recipe_key((32, 1, 1), ())  # fmt: skip
+
+
+def test_recipe_naming_a_missing_package_traces_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+    first = make(CompiledEngine, lambda p: SGD(p, lr=0.05))
+    first.run_samples(torch.arange(100))
+    (package,) = (tmp_path / "compiled").glob("chunk-*.pt2")
+    package.unlink()
+    second = make(CompiledEngine, lambda p: SGD(p, lr=0.05))
+    second.run_samples(torch.arange(100))
+    assert not second.cache_hit and second.fallback_reason is None and package.exists()
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_compiled_minibatch_with_accumulation_matches_eager():

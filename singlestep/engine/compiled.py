@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,11 +42,11 @@ __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 
 
 # Estimates behind ``auto`` (measured on the 2-core CPU; see docs/performance.md).
-_PER_SAMPLE_SPEEDUP = 10.0
+_PER_SAMPLE_SPEEDUP = 7.0
 _MINIBATCH_SPEEDUP = 1.3
 _COMPILE_BASE_S = 8.0
 _COMPILE_PER_NODE_S = 0.02
-_CACHED_LOAD_S = 0.5
+_CACHED_LOAD_S = 0.2
 # Below this many parameters, per-sample chunks run on one thread (see CompiledEngine).
 _ONE_THREAD_PARAMS = 50_000
 
@@ -400,16 +401,57 @@ class CompiledEngine(EagerEngine):
         return h.hexdigest()[:32]
 
     def _build(self, shape: tuple[int, int, int]) -> Any:
-        """Compile (or load from the disk cache) the chunk of ``K`` steps of ``A x B`` samples."""
-        from torch._higher_order_ops.scan import scan
+        """Compile (or load from the disk cache) the chunk of ``K`` steps of ``A x B`` samples.
 
+        A cached package is found in two ways. Its file name is a hash of the traced graph (what
+        the package is compiled from), and a *recipe* file, named by a hash of everything the
+        trace is built from (code files, model and optimizer structure and settings, shapes),
+        names the package. A run whose recipe is known loads the package without tracing, and so
+        without importing the compiler (~1 s of start-up); any other run traces, and finds the
+        package by the graph's hash when only the recipe changed (a reformatted file, say).
+        """
         self._check_supported()
         k, micro, rows = shape
-        graph, flat, state_keys = self._trace_step(micro, rows)
+        state_keys = [sorted(self.optimizer.state.get(p, {})) for p in self.params]
         self._state_keys = state_keys
         split = self.train
         data = split.tensors()
         n_groups = len(self.optimizer.param_groups)
+        idx0 = torch.zeros(k, micro, rows, dtype=torch.long, device=split.device)
+        lrs0 = torch.zeros(k, n_groups, device=split.device)
+        sums0 = torch.zeros(4, device=split.device)
+        example = (self._flat(state_keys), data, idx0, lrs0, sums0)
+        recipe = cache_dir() / f"recipe-{self._recipe_key(shape, example)}.txt"
+        path = _recipe_target(recipe)
+        if path is not None:
+            self.cache_hit = True
+            if self.auto:
+                self._decide(shape, None, True)
+        else:
+            path = self._compile_or_find(shape, example)
+            _write_atomic(recipe, path.name)
+
+        runner = _load_package(path)
+        call = _direct_call(runner, example)
+        stats = self.stats
+        data_list = list(data.values())
+
+        def run(idx: Tensor, lrs: Tensor) -> None:
+            flat = self._flat(state_keys)
+            sums = torch.stack([stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped])
+            outputs = call([*flat, *data_list, idx, lrs, sums])  # new flat..., new sums
+            torch._foreach_copy_([*flat, stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped],
+                                 [*outputs[:-1], *outputs[-1].unbind()])  # fmt: skip
+
+        return run
+
+    def _compile_or_find(self, shape: tuple[int, int, int], example: tuple) -> Path:
+        """Trace the chunk; return its package, compiling it unless the graph's hash is cached."""
+        from torch._higher_order_ops.scan import scan
+
+        k, micro, rows = shape
+        graph, _, _ = self._trace_step(micro, rows)
+        split = self.train
 
         class Chunk(torch.nn.Module):
             """K steps: gather all their samples at once, scan the step over them, fold statistics."""
@@ -427,10 +469,6 @@ class CompiledEngine(EagerEngine):
                                         torch.maximum(sums[2], good[:, 1].max()), sums[3] + (k - ok.sum())])  # fmt: skip
                 return new_flat, new_sums
 
-        idx0 = torch.zeros(k, micro, rows, dtype=torch.long, device=split.device)
-        lrs0 = torch.zeros(k, n_groups, device=split.device)
-        sums0 = torch.zeros(4, device=split.device)
-        example = (flat, data, idx0, lrs0, sums0)
         path = cache_dir() / f"chunk-{self._cache_key(graph, list(example), shape)}.pt2"
         self.cache_hit = path.exists()
         if self.auto:
@@ -448,19 +486,43 @@ class CompiledEngine(EagerEngine):
                 torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp))
             os.replace(tmp, path)  # atomic: a concurrent run sees a whole file or none
             self.log(f"engine {self.name}: compiled in {time.perf_counter() - started:.1f}s")
-        runner = _load_package(path)
-        call = _direct_call(runner, example)
-        stats = self.stats
-        data_list = list(data.values())
+        return path
 
-        def run(idx: Tensor, lrs: Tensor) -> None:
-            flat = self._flat(state_keys)
-            sums = torch.stack([stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped])
-            outputs = call([*flat, *data_list, idx, lrs, sums])  # new flat..., new sums
-            torch._foreach_copy_([*flat, stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped],
-                                 [*outputs[:-1], *outputs[-1].unbind()])  # fmt: skip
+    def _recipe_key(self, shape: tuple[int, int, int], example: tuple) -> str:
+        """A hash of what the traced step is built from, computed without tracing it.
 
-        return run
+        Code: every source file of this package, of the classes involved (model modules,
+        optimizer, split, loss) and of any loaded module outside the Python and site-packages
+        trees (the user's own code), by size and modification time. Objects: the model's modules
+        and their plain attributes, parameter shapes, the optimizer's class, plain attributes and
+        group settings other than lr (an input of the chunk), clipping, input shapes, torch
+        build and settings. Anything unaccounted for only makes a key differ, which costs a trace.
+        """
+        h = hashlib.sha256()
+        h.update(f"{_FORMAT}|{torch.__version__}|{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}".encode())
+        h.update(f"|{shape}|{self.train.signature()}|{_qualname(type(self.train))}|{_qualname(self.loss_fn)}".encode())
+        h.update(f"|{torch.get_default_dtype()}|{torch.are_deterministic_algorithms_enabled()}".encode())
+        h.update(f"|{torch.get_float32_matmul_precision()}|{self.clip_grad_norm}|{self.clip_grad_value}|{self.check_finite}".encode())
+        for name, m in self.model.named_modules():
+            h.update(f"|{name}:{_qualname(type(m))}:{m.training}:{_plain_attrs(m)}".encode())
+        for name, p in self.model.named_parameters():
+            h.update(f"|{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}".encode())
+        opt = self.optimizer
+        h.update(f"|{_qualname(type(opt))}:{_plain_attrs(opt)}".encode())
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        for group in opt.param_groups:
+            settings = sorted((key, repr(v)) for key, v in group.items() if key not in ("params", "lr", "initial_lr"))
+            h.update(f"|{[pos.get(id(p)) for p in group['params']]}:{settings}".encode())
+        for t in torch.utils._pytree.tree_leaves(example):
+            h.update(f"{tuple(t.shape)}:{t.dtype}:{t.device.type}|".encode())
+        classes = [type(m) for m in self.model.modules()] + [type(opt), type(self.train)]
+        for path in sorted(_code_files(classes, self.loss_fn)):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            h.update(f"|{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:32]
 
     # ------------------------------------------------------------------ run
 
@@ -478,15 +540,15 @@ class CompiledEngine(EagerEngine):
         self.stats.steps += k
         self.steps_done += k
 
-    def _decide(self, shape: tuple[int, int, int], graph: torch.fx.GraphModule, cached: bool) -> None:
+    def _decide(self, shape: tuple[int, int, int], graph: torch.fx.GraphModule | None, cached: bool) -> None:
         """``auto``: compile only when it pays for itself over the steps left; log the choice.
 
         The eager cost is measured (the shape's first chunk ran eagerly); the compiled speed-up and
         the compile time are estimates from measurements on a 2-core CPU (docs/performance.md):
-        per-sample chunks run ~10x faster than eager steps, mini-batch steps ~1.3x; a cold compile
-        costs ~8 s plus ~20 ms per graph node, a cached package ~0.5 s.
+        per-sample chunks run ~7x faster than eager steps, mini-batch steps ~1.3x; a cold compile
+        costs ~8 s plus ~20 ms per graph node, a cached package ~0.2 s (a trace, or a recipe and a load).
         """
-        nodes = len(graph.graph.nodes)
+        nodes = len(graph.graph.nodes) if graph is not None else 0  # None: a known recipe (cached)
         cost = _CACHED_LOAD_S if cached else _COMPILE_BASE_S + _COMPILE_PER_NODE_S * nodes
         how = "a cached package" if cached else f"compiling (~{cost:.0f}s, {nodes} graph nodes)"
         gain = self._gain(shape)
@@ -556,29 +618,77 @@ def _flat_to_nested(inputs: list[Tensor], example: tuple) -> tuple:
     return (inputs[:n], dict(zip(data.keys(), inputs[n : n + m])), *inputs[n + m :])
 
 
+def _recipe_target(recipe: Path) -> Path | None:
+    """The package a recipe file names, if both exist."""
+    try:
+        name = recipe.read_text().strip()
+    except OSError:
+        return None
+    path = recipe.parent / name
+    return path if name.startswith("chunk-") and name.endswith(".pt2") and path.exists() else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _plain_attrs(obj: Any) -> list[tuple[str, Any]]:
+    """Public attributes holding plain values (numbers, strings, flags): settings code may read."""
+    plain = (bool, int, float, str, type(None))
+    return sorted((k, v) for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, plain))
+
+
+def _code_files(classes: list[type], loss_fn: Any) -> set[str]:
+    """Source files the traced step may run: see ``CompiledEngine._recipe_key``."""
+    import sysconfig
+
+    files = {str(f) for f in Path(__file__).resolve().parents[1].rglob("*.py")}
+    for obj in [*classes, loss_fn]:
+        for cls in getattr(obj, "__mro__", (obj,)):
+            module = sys.modules.get(getattr(cls, "__module__", "") or "")
+            if module is not None and getattr(module, "__file__", None):
+                files.add(module.__file__)
+    paths = sysconfig.get_paths()
+    trees = tuple({os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths})
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if f and not os.path.realpath(f).startswith(trees):
+            files.add(f)
+    return files
+
+
 def _load_package(path: Path) -> Any:
-    """``aoti_load_package``, minus a 2-second cost on every process start.
+    """Load a cached package with torch's native loader, without importing ``torch._inductor``.
 
-    Loading checks the package's CPU vector ISA against this machine's, and torch finds the
-    machine's by compiling probe libraries and dlopen-ing each in a fresh Python subprocess. The
-    answer only depends on the CPU and the torch build, so it is remembered next to the packages
-    (keyed by both) and handed to torch for the duration of the load.
+    ``aoti_load_package`` imports the compiler (~1.5 s of start-up) only to compare the package's
+    device metadata with this machine's and warn on a mismatch; the cache key already holds this
+    machine's architecture, CPU capability and torch build, so a package found under its key was
+    compiled for this machine. The returned object has the loader as ``.loader`` (what
+    ``_direct_call`` uses) and is callable the way torch's own wrapper is.
     """
-    import torch._inductor.cpu_vec_isa as vec_isa
+    native = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if native is None:
+        return torch._inductor.aoti_load_package(str(path))
+    return _Package(native(str(path), "model", False, 1, -1))
 
-    record = path.parent / f"isa-{torch.__version__}-{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}.txt"
-    known = {str(isa): isa for isa in vec_isa.supported_vec_isa_list}
-    names = record.read_text().split(",") if record.exists() else None
-    if names is not None and all(n in known for n in names if n):
-        probe = vec_isa.valid_vec_isa_list
-        vec_isa.valid_vec_isa_list = lambda: [known[n] for n in names if n]
-        try:
-            return torch._inductor.aoti_load_package(str(path))
-        finally:
-            vec_isa.valid_vec_isa_list = probe
-    runner = torch._inductor.aoti_load_package(str(path))
-    record.write_text(",".join(str(isa) for isa in vec_isa.valid_vec_isa_list()))
-    return runner
+
+class _Package:
+    """A loaded package: the native loader, and torch's calling convention on demand."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._inductor.package.package import AOTICompiledModel
+
+        return AOTICompiledModel(self.loader)(*args, **kwargs)
 
 
 class _StateView(dict):
