@@ -133,3 +133,29 @@ def test_lr_zero_at_end_of_linear_decay(name):
     assert all(torch.isfinite(p).all() for p in params)
     if name != "schedule_free_adamw":  # y keeps moving toward the average x even at lr 0
         assert all(torch.equal(p.detach(), q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("constant", {"warmup_steps": 7}), ("step", {"step_size": 13, "gamma": 0.5}),
+    ("cosine", {"warmup_steps": 10, "min_lr_ratio": 0.1}), ("linear", {"warmup_steps": 5}),
+    ("inverse_sqrt", {"warmup_steps": 20}), ("cosine", {}),
+])  # fmt: skip
+def test_chunked_advance_matches_stepping(name, kwargs):
+    """``advance_schedule`` over a chunk (the vectorised path) gives the lrs of real steps."""
+    from singlestep.engine.base import advance_schedule
+    from singlestep.registry import SCHEDULERS
+
+    def fresh():
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3)
+        return opt, SCHEDULERS.get(name)(opt, 100, **kwargs)
+
+    opt, sched = fresh()
+    stepped = []
+    for _ in range(130):  # past total_steps too
+        stepped.append(opt.param_groups[0]["lr"])
+        sched.step()
+    opt2, sched2 = fresh()
+    chunked = [row[0] for size in (64, 3, 63) for row in advance_schedule(sched2, opt2, size)]
+    assert chunked == pytest.approx(stepped, rel=1e-13, abs=1e-15)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-13, abs=1e-15)
+    assert sched2.last_epoch == sched.last_epoch == 130

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
@@ -55,12 +56,28 @@ def _with_warmup(
             return warmup_start_factor + (1.0 - warmup_start_factor) * s / warmup_steps
         return after(s)
 
+    def many(s: np.ndarray) -> np.ndarray:
+        warm = warmup_start_factor + (1.0 - warmup_start_factor) * s / max(warmup_steps, 1)
+        return np.where(s < warmup_steps, warm, after.many(s))
+
+    factor.many = many  # type: ignore[attr-defined]
     return factor
+
+
+def _vectorized(scalar: Callable[[int], float], many: Callable[[np.ndarray], np.ndarray]) -> Callable[[int], float]:
+    """``scalar`` with ``.many``, its form over an array of steps (what ``advance_schedule`` uses
+    for a whole chunk of steps: same values, bar the last bit of a cosine)."""
+    scalar.many = many  # type: ignore[attr-defined]
+    return scalar
 
 
 def _progress(s: int, warmup_steps: int, total_steps: int) -> float:
     """Fraction of the post-warm-up phase done at step ``s``, clamped to [0, 1]."""
     return min(1.0, max(0.0, (s - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def _progress_many(s: np.ndarray, warmup_steps: int, total_steps: int) -> np.ndarray:
+    return np.clip((s - warmup_steps) / max(1, total_steps - warmup_steps), 0.0, 1.0)
 
 
 @SCHEDULERS.register("constant")
@@ -81,7 +98,8 @@ def constant(
     """
     _check_total(total_steps)
     _check_warmup(warmup_steps, warmup_start_factor, None)
-    return LambdaLR(optimizer, _with_warmup(warmup_steps, warmup_start_factor, lambda s: 1.0))
+    after = _vectorized(lambda s: 1.0, lambda s: np.ones(s.shape))
+    return LambdaLR(optimizer, _with_warmup(warmup_steps, warmup_start_factor, after))
 
 
 @SCHEDULERS.register("step")
@@ -101,7 +119,7 @@ def step(
         raise ValueError(f"step_size must be an integer >= 1, got {step_size!r}")
     if not gamma > 0.0:
         raise ValueError(f"gamma must be > 0, got {gamma!r}")
-    return LambdaLR(optimizer, lambda s: gamma ** (s // step_size))
+    return LambdaLR(optimizer, _vectorized(lambda s: gamma ** (s // step_size), lambda s: gamma ** (s // step_size)))
 
 
 @SCHEDULERS.register("cosine")
@@ -134,6 +152,11 @@ def cosine(
         p = _progress(s, warmup_steps, total_steps)
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
+    def after_many(s: np.ndarray) -> np.ndarray:
+        p = _progress_many(s, warmup_steps, total_steps)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + np.cos(math.pi * p))
+
+    _vectorized(after, after_many)
     return LambdaLR(optimizer, _with_warmup(warmup_steps, warmup_start_factor, after))
 
 
@@ -165,6 +188,10 @@ def linear(
     def after(s: int) -> float:
         return end_factor + (1.0 - end_factor) * (1.0 - _progress(s, warmup_steps, total_steps))
 
+    def after_many(s: np.ndarray) -> np.ndarray:
+        return end_factor + (1.0 - end_factor) * (1.0 - _progress_many(s, warmup_steps, total_steps))
+
+    _vectorized(after, after_many)
     return LambdaLR(optimizer, _with_warmup(warmup_steps, warmup_start_factor, after))
 
 
@@ -194,4 +221,5 @@ def inverse_sqrt(
     def after(s: int) -> float:
         return math.sqrt(scale / max(s, scale))
 
+    _vectorized(after, lambda s: np.sqrt(scale / np.maximum(s, scale)))
     return LambdaLR(optimizer, _with_warmup(warmup_steps, warmup_start_factor, after))
