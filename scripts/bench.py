@@ -271,7 +271,8 @@ def run_cli_section(results: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "reference_epoch.py"
         script.write_text(REFERENCE_SCRIPT.format(root=str(ROOT)))
-        env = dict(os.environ, SINGLESTEP_CACHE=str(Path(tmp) / "cache"))
+        # Both caches start empty: compiled packages and inflated copies of gzipped data files.
+        env = dict(os.environ, SINGLESTEP_CACHE=str(Path(tmp) / "cache"), XDG_CACHE_HOME=str(Path(tmp) / "xdg"))
         cli = [sys.executable, "-m", "singlestep.train", "--config", "configs/fashion_mnist_linear_per_sample.yaml",
                "trainer.epochs=1", "data.val_size=0", "trainer.engine=compiled", "trainer.progress=false",
                "trainer.clip_grad_norm=1.0", f"output.dir={tmp}/runs"]  # fmt: skip

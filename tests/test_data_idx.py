@@ -224,3 +224,23 @@ def test_real_fashion_mnist_from_debian(isolated_search):
     assert torch.bincount(bundle.test.targets, minlength=10).tolist() == [1000] * 10
     x, _ = bundle.train.get(torch.arange(60000))
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3  # constants fit the data
+
+
+def test_big_gzipped_file_keeps_an_inflated_copy(tmp_path, monkeypatch):
+    """The second read of a big .gz skips inflation; a changed file gets a fresh copy."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(1500, 28, 28), dtype=np.uint8)  # ~1.2 MB, incompressible
+    path = write(tmp_path / "train-images-idx3-ubyte", idx_bytes(IMAGE_MAGIC, images), gz=True)
+    first = read_idx(path, IMAGE_MAGIC)
+    copies = list((tmp_path / "xdg" / "singlestep" / "inflated").iterdir())
+    assert len(copies) == 1 and copies[0].read_bytes() == idx_bytes(IMAGE_MAGIC, images)
+    np.testing.assert_array_equal(read_idx(path, IMAGE_MAGIC), first)
+    changed = images.copy()
+    changed[0, 0, 0] ^= 1
+    write(path.with_suffix(""), idx_bytes(IMAGE_MAGIC, changed), gz=True)
+    os.utime(path, ns=(1, 1))  # a different mtime even within the clock's resolution
+    np.testing.assert_array_equal(read_idx(path, IMAGE_MAGIC), changed)
+    assert len(list((tmp_path / "xdg" / "singlestep" / "inflated").iterdir())) == 2

@@ -9,7 +9,9 @@ gzipped (detected from their first bytes, not their name).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 
 from singlestep.data.base import DataBundle
 from singlestep.data.images import image_bundle
-from singlestep.data.sources import locate
+from singlestep.data.sources import cache_home, locate
 from singlestep.errors import DataError
 from singlestep.registry import DATASETS
 
@@ -60,6 +62,12 @@ def _missing(folder: Path) -> list[str]:
 
 
 def _read(path: Path) -> bytes:
+    copy = _inflated_copy(path)
+    if copy is not None and copy.is_file():
+        try:
+            return copy.read_bytes()
+        except OSError:
+            pass
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -69,7 +77,37 @@ def _read(path: Path) -> bytes:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+        if copy is not None:
+            _write_copy(copy, data)
     return data
+
+
+# Gzipped files at least this big keep an inflated copy in the cache: inflating Fashion-MNIST's
+# 26 MB of training images takes ~0.25 s of every run's start-up, reading 47 MB back ~0.03 s.
+_INFLATE_CACHE_MIN_BYTES = 1 << 20
+
+
+def _inflated_copy(path: Path) -> Path | None:
+    """Where the inflated copy of a big gzipped file lives, keyed by its path, size and mtime."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_size < _INFLATE_CACHE_MIN_BYTES or not path.name.endswith(".gz"):
+        return None
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    return cache_home() / "inflated" / f"{path.name[:-3]}-{key}"
+
+
+def _write_copy(copy: Path, data: bytes) -> None:
+    """Best effort: a read-only or full cache only costs the next run its inflation again."""
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, copy)  # atomic: a concurrent run reads a whole copy or none
+    except OSError:
+        pass
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
