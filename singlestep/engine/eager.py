@@ -47,11 +47,10 @@ class EagerEngine(Engine):
     def _flush(self) -> None:
         if self._host_scalars:
             loss_sum, norm_sum, norm_max = self._host_sums
-            if norm_max > 0.0 or loss_sum != 0.0:
-                stats = self.stats
-                stats.loss_sum += loss_sum
-                stats.norm_sum += norm_sum
-                stats.norm_max.clamp_(min=norm_max)
+            stats = self.stats
+            stats.loss_sum += loss_sum
+            stats.norm_sum += norm_sum
+            stats.norm_max.clamp_(min=norm_max)
             self._host_sums = [0.0, 0.0, 0.0]
         if not self._losses:
             return
@@ -94,7 +93,7 @@ class EagerEngine(Engine):
             self._apply_host(grads, loss)
             return
         stats = self.stats
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pre-clip global L2
+        norm = _global_norm(grads)  # pre-clip global L2
         stats.steps += 1
         # One host read (a sync on CUDA) instead of isfinite's several kernels and a read.
         if self.check_finite and not math.isfinite(float(norm + loss)):
@@ -106,7 +105,7 @@ class EagerEngine(Engine):
         if self.clip_grad_value is not None:
             self._clamp(grads)
             if self.clip_grad_norm is not None:
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                norm = _global_norm(grads)
         if self.clip_grad_norm is not None:
             # Same rule as torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6)).
             coef = (self.clip_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
@@ -123,7 +122,7 @@ class EagerEngine(Engine):
         paths scale the gradients by the same number.
         """
         stats = self.stats
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # pre-clip global L2
+        norm = _global_norm(grads)  # pre-clip global L2
         n, value = norm.item(), loss.item()  # host reads, but no sync: CPU kernels run in order
         stats.steps += 1
         if self.check_finite and not (math.isfinite(n) and math.isfinite(value)):
@@ -136,7 +135,7 @@ class EagerEngine(Engine):
         if self.clip_grad_value is not None:
             self._clamp(grads)
             if self.clip_grad_norm is not None:
-                n = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item()
+                n = _global_norm(grads).item()
         if self.clip_grad_norm is not None:
             coef = _clip_coef32(self.clip_grad_norm, n)
             if coef < 1.0:
@@ -212,3 +211,8 @@ def _step_hooks_or_profiler(optimizer: torch.optim.Optimizer) -> bool:
         or _optim_module._global_optimizer_post_hooks
         or torch.autograd._profiler_enabled()
     )
+
+
+def _global_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm of all gradients together (``clip_grad_norm_``'s norm)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
