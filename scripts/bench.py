@@ -8,7 +8,10 @@ Every measurement runs in its own child process (so each gets a clean peak-RSS r
 variant warms another's caches), the variants of one case run back to back, and the table
 reports ratios against the reference measured in the same run. Nothing here is a test: the
 numbers depend on the machine, which is why they are printed, not asserted. All variants flush
-denormal floats to zero (as the trainer does on CPU), so none is slowed by them.
+denormal floats to zero (as the trainer does on CPU), so none is slowed by them. The engines'
+children run under the memory allocator the CLI would use (singlestep/malloc.py: tcmalloc or
+jemalloc when installed); the reference runs as a plain ``python``, and one more reference row
+("reference+<allocator>") shows what the allocator alone does for the idiomatic loop.
 
 Sections:
   persample  per-sample softmax regression on Fashion-MNIST (synthetic data of the same shape if
@@ -271,29 +274,39 @@ def run_cli_section(results: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "reference_epoch.py"
         script.write_text(REFERENCE_SCRIPT.format(root=str(ROOT)))
-        # Both caches start empty: compiled packages and inflated copies of gzipped data files.
-        env = dict(os.environ, SINGLESTEP_CACHE=str(Path(tmp) / "cache"), XDG_CACHE_HOME=str(Path(tmp) / "xdg"))
-        cli = [sys.executable, "-m", "singlestep.train", "--config", "configs/fashion_mnist_linear_per_sample.yaml",
-               "trainer.epochs=1", "data.val_size=0", "trainer.engine=compiled", "trainer.progress=false",
-               "trainer.clip_grad_norm=1.0", f"output.dir={tmp}/runs"]  # fmt: skip
-        runs = [("reference script", [sys.executable, str(script)]), ("singlestep compiled, cold cache", cli),
-                ("singlestep compiled, warm cache", cli)]  # fmt: skip
-        for label, cmd in runs:
+        # Both caches start empty for a "cold" run: compiled packages and inflated data copies.
+        def env_for(cache: str) -> dict[str, str]:
+            return dict(os.environ, SINGLESTEP_CACHE=str(Path(tmp) / cache), XDG_CACHE_HOME=str(Path(tmp) / f"xdg-{cache}"))
+
+        def cli(engine: str) -> list[str]:
+            return [sys.executable, "-m", "singlestep.train", "--config", "configs/fashion_mnist_linear_per_sample.yaml",
+                    "trainer.epochs=1", "data.val_size=0", f"trainer.engine={engine}", "trainer.progress=false",
+                    "trainer.clip_grad_norm=1.0", f"output.dir={tmp}/runs"]  # fmt: skip
+
+        runs = [("reference script", [sys.executable, str(script)], "ref"),
+                ("singlestep compiled, cold cache", cli("compiled"), "a"),
+                ("singlestep compiled, warm cache", cli("compiled"), "a"),
+                ("singlestep auto (default), cold cache", cli("auto"), "b")]  # fmt: skip
+        for label, cmd, cache in runs:
             start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env_for(cache), capture_output=True, text=True)
             wall = time.perf_counter() - start
             if proc.returncode != 0:
                 print(f"{label} failed:\n{proc.stderr[-2000:]}")
                 return
             results.append({"section": "cli", "case": "one epoch, 60k per-sample steps", "impl": label, "wall_s": wall})
-            print(f"  {label:34s} {wall:7.1f} s", flush=True)
+            print(f"  {label:40s} {wall:7.1f} s", flush=True)
 
 
 # ----------------------------------------------------------------------------- parent side
 
 
-def spawn(spec: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def spawn(spec: dict, allocator: str = "system") -> dict:
+    """Run one variant in a child process; ``allocator``: "system" or "auto" (the CLI's choice)."""
+    from singlestep import malloc
+
+    env = malloc.preload_env(choice=allocator)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT, env=env,
                           capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
@@ -319,31 +332,41 @@ def main() -> int:
             out = child_persample(spec["impl"], spec["opt"], spec["steps"], spec["epoch"])
         else:
             out = child_lm(spec["impl"], spec["batch"], spec["steps"])
-        print(json.dumps(out))
+        from singlestep import malloc
+
+        print(json.dumps({**out, "allocator": malloc.in_use()}))
         return 0
 
     import torch
 
+    from singlestep import malloc
+
     sections = set(args.only.split(","))
     results: list[dict] = []
-    print(f"singlestep bench: torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}")
+    lib = malloc.find()
+    ours = "system" if lib is None else ("jemalloc" if "jemalloc" in lib else "tcmalloc")
+    print(f"singlestep bench: torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
+          f"engines' allocator {ours}")  # fmt: skip
+    # (label, impl, allocator): the reference as users run it, then our engines as the CLI runs them.
+    variants = [("reference", "reference", "system"), ("eager", "eager", "auto"), ("compiled", "compiled", "auto")]
     if "persample" in sections:
         print("per-sample softmax regression (784 -> 10), clip_grad_norm 1.0")
         for opt in ("sgd", "adam", "adagrad"):
-            for impl in ("reference", "eager", "compiled"):
+            extra = [(f"reference+{ours}", "reference", "auto")] if opt == "sgd" and ours != "system" else []
+            for label, impl, allocator in variants + extra:
                 spec = {"section": "persample", "case": f"per-sample {opt}", "impl": impl, "opt": opt,
                         "steps": 1000 if args.quick else 3000, "epoch": opt == "sgd" and not args.quick}  # fmt: skip
-                r = spawn(spec)
+                r = {**spawn(spec, allocator), "impl": label}
                 results.append(r)
-                print(f"  {opt:8s} {impl:10s} {_fmt_persample(r)}", flush=True)
+                print(f"  {opt:8s} {label:10s} {_fmt_persample(r)}", flush=True)
     if "lm" in sections:
         print("tiny LM (4 layers, 4 heads, width 128, block 64), AdamW, clip 1.0")
         for batch, steps in ((12, 10 if args.quick else 30), (1, 64 if args.quick else 256)):
-            for impl in ("reference", "eager", "compiled"):
+            for label, impl, allocator in variants:
                 spec = {"section": "lm", "case": f"tiny LM batch {batch}", "impl": impl, "batch": batch, "steps": steps}
-                r = spawn(spec)
+                r = {**spawn(spec, allocator), "impl": label}
                 results.append(r)
-                print(f"  batch {batch:2d} {impl:10s} {_fmt_lm(r)}", flush=True)
+                print(f"  batch {batch:2d} {label:10s} {_fmt_lm(r)}", flush=True)
     if "cli" in sections:
         print("whole CLI run: one epoch of per-sample SGD on Fashion-MNIST (60k steps), start-up included")
         run_cli_section(results)

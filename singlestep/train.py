@@ -88,4 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from singlestep import malloc
+
+    try:
+        malloc.reexec()  # before torch loads: per-sample steps run faster under tcmalloc/jemalloc
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     sys.exit(main())

@@ -21,6 +21,7 @@ from singlestep.config import COMPONENTS, Component, Config, config_to_dict
 from singlestep.data.base import DataBundle
 from singlestep.engine import build_engine
 from singlestep.errors import ConfigError, UserError
+from singlestep import malloc
 from singlestep.losses import loss_for
 from singlestep.metrics import evaluate
 from singlestep.optim.build import build_optimizer
@@ -223,6 +224,7 @@ class Trainer:
             "interrupted": self.stop_requested,
             "engine": self.engine.label,
             "device": str(self.device),
+            "allocator": malloc.in_use(),
             "torch_version": torch.__version__,
             "decay_tensors": self.decay_counts,
         }

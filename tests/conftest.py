@@ -43,9 +43,10 @@ def write_config(tmp_path):
     return write
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``python -m singlestep.train`` in a subprocess, as a user would."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run ``python -m singlestep.train`` in a subprocess, as a user would (``env``: extra variables)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "singlestep.train", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
