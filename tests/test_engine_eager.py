@@ -8,6 +8,7 @@ from torch import nn
 
 from singlestep.data.base import TensorSplit
 from singlestep.engine import EagerEngine
+from singlestep.engine.eager import _unwrapped_step
 from singlestep.losses import loss_for
 from singlestep.optim import SGD, Adam
 
@@ -51,6 +52,16 @@ def test_step_hooks_still_run():
     assert len(calls) == 10
 
 
+def test_lr_scheduler_patch_does_not_force_the_wrapped_step():
+    engine = _engine(lambda p: SGD(p, lr=0.1))
+    engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: 0.5)
+    assert "step" in vars(engine.optimizer)  # the scheduler's call-order patch
+    assert _unwrapped_step(engine.optimizer) is type(engine.optimizer).step.__wrapped__
+    assert engine.optimizer._opt_called
+    engine.optimizer.step = lambda *a, **k: None  # a user's own override is called as it is
+    assert _unwrapped_step(engine.optimizer) is None
+
+
 def test_unwrapped_step_gives_the_same_numbers():
     fast, wrapped = _engine(lambda p: SGD(p, lr=0.1, momentum=0.9)), _engine(lambda p: SGD(p, lr=0.1, momentum=0.9))
     wrapped._bare_step = None
@@ -70,3 +81,27 @@ def test_non_finite_step_is_skipped_on_the_host_path():
     assert stats["skipped_steps"] == 3
     for a, b in zip(before, engine.model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_schedule_applies_per_step_as_a_hand_written_loop(tensor_lr):
+    """The chunk's lrs come from one table; each step must still use its own scheduled lr."""
+    lr = torch.tensor(0.2) if tensor_lr else 0.2
+    engine = _engine(lambda p: SGD(p, lr=lr, momentum=0.9))
+    engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: 1.0 / (1 + step))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+    opt = SGD(model.parameters(), lr=torch.tensor(0.2) if tensor_lr else 0.2, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    engine.run_samples(torch.arange(37))
+    engine.run_samples(torch.arange(37, 50))
+    xs, ys = engine.train.get(torch.arange(50))
+    for x, y in zip(xs.split(1), ys.split(1)):
+        opt.zero_grad()
+        loss_for("classification")(model(x), y).backward()
+        opt.step()
+        sched.step()
+    for a, b in zip(model.parameters(), engine.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert float(engine.optimizer.param_groups[0]["lr"]) == pytest.approx(0.2 / 51)
+    assert engine.scheduler.last_epoch == sched.last_epoch == 50

@@ -97,8 +97,7 @@ class EagerEngine(Engine):
         stats.steps += 1
         # One host read (a sync on CUDA) instead of isfinite's several kernels and a read.
         if self.check_finite and not math.isfinite(float(norm + loss)):
-            stats.skipped += 1
-            self._schedule()  # the schedule counts steps taken, skipped or not
+            stats.skipped += 1  # the schedule still advances: it counts steps taken, skipped or not
             return
         self._losses.append(loss)
         self._norms.append(norm)
@@ -127,7 +126,6 @@ class EagerEngine(Engine):
         stats.steps += 1
         if self.check_finite and not (math.isfinite(n) and math.isfinite(value)):
             stats.skipped += 1
-            self._schedule()
             return
         self._host_sums[0] += value
         self._host_sums[1] += n
@@ -158,14 +156,23 @@ class EagerEngine(Engine):
             opt.step()
         else:
             self._bare_step(opt)
-        self._schedule()
 
     def run_samples(self, idx: Tensor) -> None:
         model, loss_fn = self.model, self.loss_fn
         xs, ys = self.train.get(idx)  # one gather for the whole chunk: [k, ...]
-        for x, y in zip(xs.split(1), ys.split(1)):  # [1, ...] views
+        groups = self.optimizer.param_groups
+        # The schedule for the whole chunk at once (closed form for LambdaLR); each step then
+        # only sets its groups' lr from the table.
+        rows = advance_schedule(self.scheduler, self.optimizer, len(idx)) if self.scheduler is not None else None
+        if rows is not None:  # the lrs after the chunk, restored at its end
+            final = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
+        for i, (x, y) in enumerate(zip(xs.split(1), ys.split(1))):  # [1, ...] views
+            if rows is not None:
+                _set_lrs(groups, rows[i])
             loss = loss_fn(model(x), y)
             self._apply(self._grads(loss), loss.detach())
+        if rows is not None:
+            _set_lrs(groups, final)
         self._flush()
 
     def run_batch(self, micro_batches: list[Tensor]) -> None:
@@ -183,7 +190,16 @@ class EagerEngine(Engine):
                 torch._foreach_add_(grads, g)
                 loss_total = loss_total + loss.detach()
         self._apply(grads, loss_total)
+        self._schedule()
         self._flush()
+
+
+def _set_lrs(groups: list[dict], lrs: list[Any]) -> None:
+    for group, lr in zip(groups, lrs):
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def _clip_coef32(max_norm: float, norm: float) -> float:
@@ -194,9 +210,17 @@ def _clip_coef32(max_norm: float, norm: float) -> float:
 
 
 def _unwrapped_step(optimizer: torch.optim.Optimizer) -> Any:
-    """The ``step`` that torch.optim's profiling/hook wrapper wraps, or None if not wrapped."""
-    if "step" in vars(optimizer):  # an instance-level override: call what the user put there
-        return None
+    """The ``step`` that torch.optim's profiling/hook wrapper wraps, or None if not wrapped.
+
+    An instance-level ``step`` is called as it is, except the one every torch LR scheduler puts
+    there (``_wrapped_by_lr_sched``), which only records ``optimizer._opt_called = True`` for the
+    scheduler's call-order warning: that flag is set here once, and the class's step is used.
+    """
+    own = vars(optimizer).get("step")
+    if own is not None:
+        if not (getattr(own, "_wrapped_by_lr_sched", False) and getattr(own, "__wrapped__", None) is type(optimizer).step):
+            return None  # the user's own override: call what the user put there
+        optimizer._opt_called = True
     step = type(optimizer).step
     if not getattr(step, "hooked", False):
         return None
