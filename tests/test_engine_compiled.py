@@ -101,7 +101,7 @@ def test_untraceable_optimizer_falls_back_to_eager_with_one_warning():
 def test_non_finite_sample_is_masked_in_compiled_chunk():
     split = classification_split(n=64)
     split.inputs = split.inputs.float()
-    split.inputs[5, 0] = float("nan")
+    split.inputs[50, 0] = float("nan")  # in the third chunk: the first two run eagerly
     torch.manual_seed(0)
     model = nn.Linear(20, 5)
     engine = CompiledEngine(model=model, loss_fn=loss_for("classification"), optimizer=Adam(model.parameters(), lr=1e-2),
@@ -259,3 +259,31 @@ def test_foreach_decompositions_match_foreach_ops(name, make, kwargs):
     assert len(out1) == len(out2) == 2
     for x, y in zip(out1, out2):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_auto_compiles_only_when_the_steps_left_repay_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+    timed: list[int] = []
+
+    def fixed_timing(self, shape, steps, run):  # a machine-independent eager cost: 200 us/step
+        timed.append(self.steps_done)
+        run()
+        self._eager_step_seconds[shape] = 200e-6
+        self.steps_done += steps
+
+    monkeypatch.setattr(CompiledEngine, "_timed_eager", fixed_timing)
+    lines: list[str] = []
+    # 1,000 steps: ~0.2 s of eager steps cannot repay even loading a cached package.
+    short = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=1000, log=lines.append)
+    short.run_samples(torch.arange(1000))
+    assert timed == [32]  # the second chunk is timed, after a warm-up chunk
+    assert short.choice == "eager" and short.label == "auto (eager)" and not short._fns.get((32, 1, 1))
+    assert not list(tmp_path.glob("compiled/chunk-*.pt2"))
+    assert any(line.startswith("engine auto: eager") and "would not pay off" in line for line in lines)
+    # 2,000,000 steps (~400 s eager) repay a compile of ~12 s.
+    lines.clear()
+    long = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=2_000_000, log=lines.append)
+    long.run_samples(torch.arange(1000))
+    assert long.choice == "compiled" and long.label == "auto (compiled)" and long.fallback_reason is None
+    assert any(line.startswith("engine auto: compiled, using compiling") for line in lines)
+    assert len(list(tmp_path.glob("compiled/chunk-*.pt2"))) == 1

@@ -41,10 +41,13 @@ from singlestep.engine.eager import EagerEngine
 __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 
 
-# Estimates behind ``auto`` (measured on the 2-core CPU; see docs/performance.md).
-_PER_SAMPLE_SPEEDUP = 7.0
-_MINIBATCH_SPEEDUP = 1.3
-_COMPILE_BASE_S = 8.0
+# Estimates behind ``auto`` (measured on the 2-core CPU; see docs/performance.md): compiled
+# speed-up over eager steps for per-sample chunks of small (one-thread) and larger models, and
+# for mini-batch steps; compile seconds.
+_PER_SAMPLE_SPEEDUP = 15.0
+_PER_SAMPLE_SPEEDUP_LARGE = 2.5
+_MINIBATCH_SPEEDUP = 1.15
+_COMPILE_BASE_S = 10.5
 _COMPILE_PER_NODE_S = 0.02
 _CACHED_LOAD_S = 0.2
 # Below this many parameters, per-sample chunks run on one thread (see CompiledEngine).
@@ -165,8 +168,9 @@ class CompiledEngine(EagerEngine):
 
     Per-sample mode compiles chunks of ``chunk_size`` steps of one sample each; mini-batch mode
     compiles single steps of the full batch shape (``batch_shape``: micro-batches x samples).
-    The first chunk or batch of a shape runs eagerly (it also creates the optimizer's lazy state,
-    which the trace needs); short chunks and short last batches always run eagerly. If tracing
+    The first two chunks or batches of a shape run eagerly (the first warms up and creates the
+    optimizer's lazy state, which the trace needs; the second is timed, for ``auto``); short
+    chunks and short last batches always run eagerly. If tracing
     or compiling fails, the engine warns once, saying why, and continues eagerly.
 
     Args:
@@ -200,17 +204,27 @@ class CompiledEngine(EagerEngine):
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
         self._fns: dict[tuple[int, int, int], Any] = {}
-        self._seen: set[tuple[int, int, int]] = set()
+        self._warm: set[tuple[int, int, int]] = set()  # shapes whose first (warm-up) run is done
 
     # ------------------------------------------------------------------ public
 
     def run_samples(self, idx: Tensor) -> None:
         n, pos, k = idx.shape[0], 0, self.chunk_size
-        fn = self._compiled((k, 1, 1)) if n >= k else None
-        if fn is None and n >= k and (k, 1, 1) not in self._fns and self.fallback_reason is None:
-            self._timed_eager((k, 1, 1), k, lambda: EagerEngine.run_samples(self, idx[:k]))  # first chunk: eager
-            pos = k
-            fn = self._compiled((k, 1, 1))
+        shape = (k, 1, 1)
+        fn = self._compiled(shape) if n >= k else None
+        if fn is None and n >= k and shape not in self._fns and self.fallback_reason is None:
+            # A shape's first chunk runs eagerly (it warms up, and creates the optimizer's lazy
+            # state that the trace needs); its second is timed, for auto; then it compiles.
+            if shape not in self._warm:
+                self._warm.add(shape)
+                EagerEngine.run_samples(self, idx[:k])
+                self.steps_done += k
+                pos = k
+            if n - pos >= k:
+                timed = idx[pos : pos + k]
+                self._timed_eager(shape, k, lambda: EagerEngine.run_samples(self, timed))
+                pos += k
+                fn = self._compiled(shape)
         if fn is not None and n - pos >= k:
             threads = torch.get_num_threads()
             if self.threads:
@@ -231,9 +245,12 @@ class CompiledEngine(EagerEngine):
         full = full and all(mb.shape[0] == shape[2] for mb in micro_batches)
         fn = self._compiled(shape) if full else None
         if fn is None:
-            if full and shape not in self._eager_step_seconds:
+            # As per-sample chunks: the first full batch warms up, the second is timed.
+            if full and shape in self._warm and shape not in self._eager_step_seconds and self.fallback_reason is None:
                 self._timed_eager(shape, 1, lambda: EagerEngine.run_batch(self, micro_batches))
             else:
+                if full:
+                    self._warm.add(shape)
                 super().run_batch(micro_batches)
                 self.steps_done += 1
             return
@@ -252,11 +269,10 @@ class CompiledEngine(EagerEngine):
     # ------------------------------------------------------------------ build
 
     def _compiled(self, shape: tuple[int, int, int]) -> Any:
-        """The compiled chunk for ``(K, A, B)``, building it on the shape's second use."""
+        """The compiled chunk for ``(K, A, B)``, built once the shape has a timed eager run."""
         if shape in self._fns or self.fallback_reason is not None:
             return self._fns.get(shape)
-        if shape not in self._seen:
-            self._seen.add(shape)
+        if shape not in self._eager_step_seconds:
             return None
         start = time.perf_counter()
         try:
@@ -565,10 +581,12 @@ class CompiledEngine(EagerEngine):
     def _decide(self, shape: tuple[int, int, int], graph: torch.fx.GraphModule | None, cached: bool) -> None:
         """``auto``: compile only when it pays for itself over the steps left; log the choice.
 
-        The eager cost is measured (the shape's first chunk ran eagerly); the compiled speed-up and
-        the compile time are estimates from measurements on a 2-core CPU (docs/performance.md):
-        per-sample chunks run ~7x faster than eager steps, mini-batch steps ~1.3x; a cold compile
-        costs ~8 s plus ~20 ms per graph node, a cached package ~0.2 s (a trace, or a recipe and a load).
+        The eager cost is measured (the shape's second, warmed-up chunk ran eagerly); the compiled
+        speed-up and the compile time are estimates from measurements on a 2-core CPU
+        (docs/performance.md): per-sample chunks run ~15x faster than eager steps for small
+        models (one thread), ~2.5x for larger ones (the tiny LM), mini-batch steps ~1.15x; a cold
+        compile costs ~10.5 s plus ~20 ms per graph node, a cached package ~0.2 s (a trace, or a
+        recipe and a load).
         """
         nodes = len(graph.graph.nodes) if graph is not None else 0  # None: a known recipe (cached)
         cost = _CACHED_LOAD_S if cached else _COMPILE_BASE_S + _COMPILE_PER_NODE_S * nodes
@@ -582,7 +600,10 @@ class CompiledEngine(EagerEngine):
     def _gain(self, shape: tuple[int, int, int]) -> float:
         """Seconds the compiled engine would save over the steps left, before its own cost."""
         eager = self._eager_step_seconds.get(shape, 0.0)
-        speedup = _PER_SAMPLE_SPEEDUP if shape[1:] == (1, 1) else _MINIBATCH_SPEEDUP
+        if shape[1:] != (1, 1):
+            speedup = _MINIBATCH_SPEEDUP
+        else:
+            speedup = _PER_SAMPLE_SPEEDUP if self._chunk_threads(shape) == 1 else _PER_SAMPLE_SPEEDUP_LARGE
         return max(0, (self.total_steps or 0) - self.steps_done) * eager * (1 - 1 / speedup)
 
     def _situation(self, shape: tuple[int, int, int]) -> str:
