@@ -148,7 +148,7 @@ def child_persample(impl: str, opt: str, steps: int, epoch: bool) -> dict:
             pos += k
 
         start = time.perf_counter()
-        run(256)  # first chunk eager, then compile (compiled engine)
+        run(256)  # a warm-up and a timed chunk run eagerly, then it compiles (compiled engine)
         out["compile_s"] = getattr(engine, "compile_seconds", 0.0)
         out["fallback"] = getattr(engine, "fallback_reason", None)
         chunk = max(64, steps // 64 * 64)
@@ -223,7 +223,7 @@ def child_lm(impl: str, batch: int, steps: int) -> dict:
                 for _ in range(k):
                     engine.run_batch([torch.randint(n, (batch,), generator=g)])
 
-        run(16 if batch == 1 else 2)  # first chunk/batch eager, then compile
+        run(48 if batch == 1 else 3)  # a warm-up and a timed chunk/batch run eagerly, then it compiles
         out["compile_s"] = getattr(engine, "compile_seconds", 0.0)
         out["fallback"] = getattr(engine, "fallback_reason", None)
     step_s = _time_blocks(lambda: run(steps), 3) / steps

@@ -512,17 +512,15 @@ class CompiledEngine(EagerEngine):
     def _inductor_configs(self, shape: tuple[int, int, int]) -> dict[str, Any]:
         """Compiler settings for the chunk of ``shape`` (part of both cache keys).
 
-        Per-sample chunks (measured for softmax regression on the 2-core CPU, tcmalloc):
-        - one that runs on one thread is compiled for one thread: Inductor then writes plain
-          loops instead of OpenMP regions, whose barriers each make a futex system call even in
-          a team of one (~15 per step); SGD 8.5 -> 6.7 us/step.
-        - a small expression used by several loops is computed once instead of inside each
+        Measured on the 2-core CPU, with tcmalloc:
+        - a small expression read by several loops is computed once instead of inside each
           (``realize_opcount_threshold``); otherwise e.g. Adam's float64 bias corrections are
-          recomputed per element: Adam 27.8 -> 18.1 us/step, others unchanged.
-        Mini-batch steps keep Inductor's defaults.
+          recomputed per element: per-sample Adam 27.8 -> 18.1 us/step, tiny LM batch-12 step
+          26.6 -> 24.9 ms, others unchanged.
+        - a per-sample chunk that runs on one thread is compiled for one thread: Inductor then
+          writes plain loops instead of OpenMP regions, whose barriers each make a futex system
+          call even in a team of one (~15 per step); SGD 8.5 -> 6.7 us/step.
         """
-        if shape[1:] != (1, 1):
-            return {}
         threads = self._chunk_threads(shape)
         return {"realize_opcount_threshold": 4, **({"cpp.threads": threads} if threads else {})}
 
