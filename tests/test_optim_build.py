@@ -119,7 +119,7 @@ def test_building_an_optimizer_does_not_import_the_compiler():
         "import sys, torch\n"
         "from singlestep.optim.build import build_optimizer\n"
         "from singlestep.optim import Adam\n"
-        "opt, _ = build_optimizer(torch.nn.Linear(3, 2), Adam, {'lr': 0.1})\n"
+        "opt, _ = build_optimizer(torch.nn.Linear(3, 2), Adam, {'lr': 0.1, 'weight_decay': 0.01})\n"
         "raw = torch.optim.Optimizer.add_param_group.__wrapped__\n"
         "print('torch._dynamo' in sys.modules, hasattr(raw, '__dynamo_disable'), len(opt.param_groups))\n"
         "import torch._dynamo\n"
@@ -129,3 +129,14 @@ def test_building_an_optimizer_does_not_import_the_compiler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "False False 2"  # two groups (decay / no decay), no compiler, nothing left behind
     assert out[1] == "True 3"
+
+
+def test_zero_weight_decay_keeps_one_default_group():
+    """With weight_decay 0 the no-decay split would only add a group (a cost per step)."""
+    net = _Net()
+    opt, counts = build_optimizer(net, OPTIMIZERS.get("sgd"), {"lr": 0.1})  # sgd's default: 0
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0
+    assert counts == {"decay": 0, "no_decay": 7}
+    rules = [{"match": "head.*", "weight_decay": 0.1}]
+    opt, counts = build_optimizer(net, OPTIMIZERS.get("sgd"), {"lr": 0.1, "weight_decay": 0.0}, param_groups=rules)
+    assert len(opt.param_groups) == 2 and counts == {"decay": 2, "no_decay": 5}

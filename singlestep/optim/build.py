@@ -41,6 +41,7 @@ def group_parameters(
     *,
     no_decay: bool,
     decays: bool,
+    default_decays: bool = True,
     where: str = "optimizer.param_groups",
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Split the trainable parameters into torch.optim param groups.
@@ -50,6 +51,9 @@ def group_parameters(
         rules: ``[{"match": "*.bias", "weight_decay": 0, ...}]``; other keys override hyper-parameters.
         no_decay: apply the bias/norm no-decay rule to parameters no explicit rule matched.
         decays: whether the optimizer has a ``weight_decay`` hyper-parameter at all.
+        default_decays: whether the default group's ``weight_decay`` is non-zero. When it is zero
+            the no-decay split changes nothing but costs a second group (per-sample steps pay for
+            every group), so unmatched parameters stay in one group, counted as not decaying.
         where: key path for error messages.
 
     Returns:
@@ -76,7 +80,8 @@ def group_parameters(
                 matched[i] += 1
                 break
         else:
-            (default_no_decay if no_decay and decays and is_no_decay(name, p) else default).append(p)
+            split = no_decay and decays and default_decays
+            (default_no_decay if split and is_no_decay(name, p) else default).append(p)
     unmatched = [f"{where}[{i}]: pattern {r['match']!r} matches no trainable parameter" for i, (r, m) in enumerate(zip(rules, matched)) if m == 0]
     if unmatched:
         names = ", ".join(n for n, _ in list(model.named_parameters())[:8])
@@ -89,7 +94,7 @@ def group_parameters(
     if default_no_decay:
         groups.append({"params": default_no_decay, "weight_decay": 0.0})
         counts["no_decay"] += len(default_no_decay)
-    counts["decay"] += len(default)
+    counts["decay" if default_decays else "no_decay"] += len(default)
     for rule, params in zip(rules, explicit):
         group = {k: v for k, v in rule.items() if k != "match"}
         group["params"] = params
@@ -146,8 +151,11 @@ def build_optimizer(
         The optimizer and the decay / no-decay tensor counts (for the start-up report).
     """
     _check_rule_keys(cls, param_groups)
-    decays = "weight_decay" in inspect.signature(cls).parameters
-    groups, counts = group_parameters(model, param_groups, no_decay=no_decay, decays=decays)
+    signature = inspect.signature(cls).parameters
+    decays = "weight_decay" in signature
+    default_wd = kwargs.get("weight_decay", signature["weight_decay"].default if decays else 0)
+    default_decays = not (isinstance(default_wd, (int, float)) and default_wd == 0)
+    groups, counts = group_parameters(model, param_groups, no_decay=no_decay, decays=decays, default_decays=default_decays)
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     try:
