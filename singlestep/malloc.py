@@ -4,7 +4,7 @@ A per-sample step allocates and frees a handful of small tensors (the compiled c
 carries new parameter and state buffers every step; the eager step creates its gradients).
 glibc's malloc spends microseconds per step on that (consolidating free lists before every
 allocation of a few KB); tcmalloc and jemalloc serve the same requests from per-thread caches.
-Measured on the 2-core CPU for per-sample softmax regression: compiled 8.6 -> 6.5 us/step with
+Measured on the 2-core CPU for per-sample softmax regression: compiled 9.5 -> 6.7 us/step with
 tcmalloc (docs/performance.md). An allocator must be loaded before the process starts, so the CLI
 re-executes itself once with ``LD_PRELOAD`` set, before torch is imported (~30 ms).
 
