@@ -50,12 +50,34 @@ def find(choice: str | None = None) -> str | None:
     if choice != "auto":
         if not Path(choice).is_file():
             raise UserError(f"SINGLESTEP_MALLOC={choice}: no such file (use auto, system, or a path to an allocator library)")
+        if not _same_machine(Path(choice)):
+            raise UserError(f"SINGLESTEP_MALLOC={choice}: not a shared library for this machine's architecture")
         return str(Path(choice).resolve())
     for name in CANDIDATES:
         for d in _search_dirs():
-            if (d / name).is_file():
+            if (d / name).is_file() and _same_machine(d / name):
                 return str(d / name)
     return None
+
+
+def _elf_kind(path: Path | str) -> bytes | None:
+    """ELF class, byte order and machine of a file (what the loader checks), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    return head[4:6] + head[18:20] if len(head) == 20 and head[:4] == b"\x7fELF" else None
+
+
+def _same_machine(lib: Path) -> bool:
+    """Whether ``lib`` is an ELF object the loader would preload into this Python.
+
+    A library built for another architecture would only make the loader print an error for
+    this process and every child it starts (the compiler included), so it is never chosen.
+    """
+    kind = _elf_kind(lib)
+    return kind is not None and kind == _elf_kind(sys.executable)
 
 
 def preload_env(env: dict[str, str] | None = None, choice: str | None = None) -> dict[str, str]:

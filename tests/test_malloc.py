@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -14,32 +15,51 @@ from tests.conftest import base_config, run_cli
 linux_only = pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 
 
+def _fake_lib(path, machine_of=sys.executable):
+    """A file with the ELF header of ``machine_of`` (what the architecture check reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(open(machine_of, "rb").read(64))
+    return path
+
+
 @linux_only
 def test_auto_prefers_tcmalloc_minimal_then_jemalloc(tmp_path, monkeypatch):
     monkeypatch.setattr(malloc, "_search_dirs", lambda: [tmp_path / "a", tmp_path / "b"])
     assert malloc.find("auto") is None
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "libjemalloc.so.2").write_bytes(b"")
+    _fake_lib(tmp_path / "b" / "libjemalloc.so.2")
     assert malloc.find("auto") == str(tmp_path / "b" / "libjemalloc.so.2")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    _fake_lib(tmp_path / "a" / "libtcmalloc_minimal.so.4")
     assert malloc.find("auto") == str(tmp_path / "a" / "libtcmalloc_minimal.so.4")
     assert malloc.find("system") is None
+
+
+@linux_only
+def test_a_library_for_another_machine_is_never_preloaded(tmp_path, monkeypatch):
+    header = bytearray(open(sys.executable, "rb").read(64))
+    header[18:20] = (0xB7 if header[18:20] != b"\xb7\x00" else 0x3E).to_bytes(2, "little")  # aarch64 / x86-64
+    other = tmp_path / "a" / "libtcmalloc_minimal.so.4"
+    other.parent.mkdir()
+    other.write_bytes(bytes(header))
+    monkeypatch.setattr(malloc, "_search_dirs", lambda: [tmp_path / "a"])
+    assert malloc.find("auto") is None
+    with pytest.raises(UserError, match="not a shared library for this machine"):
+        malloc.find(str(other))
+    (tmp_path / "text.so").write_text("not an ELF file")
+    with pytest.raises(UserError, match="not a shared library for this machine"):
+        malloc.find(str(tmp_path / "text.so"))
 
 
 @linux_only
 def test_explicit_path_must_exist(tmp_path):
     with pytest.raises(UserError, match="SINGLESTEP_MALLOC=.*no such file"):
         malloc.find(str(tmp_path / "nope.so"))
-    lib = tmp_path / "liballoc.so"
-    lib.write_bytes(b"")
+    lib = _fake_lib(tmp_path / "liballoc.so")
     assert malloc.find(str(lib)) == str(lib)
 
 
 @linux_only
 def test_preload_env_adds_once_and_keeps_other_preloads(tmp_path):
-    lib = tmp_path / "liballoc.so"
-    lib.write_bytes(b"")
+    lib = _fake_lib(tmp_path / "liballoc.so")
     env = malloc.preload_env({"LD_PRELOAD": "/x/other.so"}, choice=str(lib))
     assert env["LD_PRELOAD"] == f"{lib}:/x/other.so"
     assert malloc.preload_env(env, choice=str(lib))["LD_PRELOAD"] == env["LD_PRELOAD"]
