@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from singlestep import malloc
+
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = 1.0
 LRS = {"sgd": 0.01, "adam": 1e-3, "adagrad": 0.01}
@@ -303,8 +305,6 @@ def run_cli_section(results: list[dict]) -> None:
 
 def spawn(spec: dict, allocator: str = "system") -> dict:
     """Run one variant in a child process; ``allocator``: "system" or "auto" (the CLI's choice)."""
-    from singlestep import malloc
-
     env = malloc.preload_env(choice=allocator)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT, env=env,
@@ -332,19 +332,14 @@ def main() -> int:
             out = child_persample(spec["impl"], spec["opt"], spec["steps"], spec["epoch"])
         else:
             out = child_lm(spec["impl"], spec["batch"], spec["steps"])
-        from singlestep import malloc
-
         print(json.dumps({**out, "allocator": malloc.in_use()}))
         return 0
 
     import torch
 
-    from singlestep import malloc
-
     sections = set(args.only.split(","))
     results: list[dict] = []
-    lib = malloc.find()
-    ours = "system" if lib is None else ("jemalloc" if "jemalloc" in lib else "tcmalloc")
+    ours = malloc.kind(malloc.find())
     print(f"singlestep bench: torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
           f"engines' allocator {ours}")  # fmt: skip
     # (label, impl, allocator): the reference as users run it, then our engines as the CLI runs them.

@@ -15,13 +15,14 @@ else the system allocator is used.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
 
 from singlestep.errors import UserError
 
-__all__ = ["CANDIDATES", "find", "preload_env", "in_use", "reexec"]
+__all__ = ["CANDIDATES", "find", "kind", "preload_env", "in_use", "reexec"]
 
 # Debian/Ubuntu packages: libtcmalloc-minimal4, libjemalloc2, libgoogle-perftools4.
 CANDIDATES = ("libtcmalloc_minimal.so.4", "libjemalloc.so.2", "libtcmalloc.so.4")
@@ -76,8 +77,20 @@ def _same_machine(lib: Path) -> bool:
     A library built for another architecture would only make the loader print an error for
     this process and every child it starts (the compiler included), so it is never chosen.
     """
-    kind = _elf_kind(lib)
-    return kind is not None and kind == _elf_kind(sys.executable)
+    elf = _elf_kind(lib)
+    return elf is not None and elf == _python_elf_kind()
+
+
+@functools.cache
+def _python_elf_kind() -> bytes | None:
+    return _elf_kind(sys.executable)
+
+
+def kind(lib: str | None) -> str:
+    """``tcmalloc``, ``jemalloc`` or ``system`` for a library path from :func:`find` (None: system)."""
+    if lib is None:
+        return "system"
+    return "jemalloc" if "jemalloc" in Path(lib).name else "tcmalloc"
 
 
 def preload_env(env: dict[str, str] | None = None, choice: str | None = None) -> dict[str, str]:

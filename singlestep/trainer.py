@@ -17,11 +17,11 @@ from typing import Any, TextIO
 
 import torch
 
+from singlestep import malloc
 from singlestep.config import COMPONENTS, Component, Config, config_to_dict
 from singlestep.data.base import DataBundle
 from singlestep.engine import build_engine
 from singlestep.errors import ConfigError, UserError
-from singlestep import malloc
 from singlestep.losses import loss_for
 from singlestep.metrics import evaluate
 from singlestep.optim.build import build_optimizer

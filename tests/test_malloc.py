@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ linux_only = pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason=
 def _fake_lib(path, machine_of=sys.executable):
     """A file with the ELF header of ``machine_of`` (what the architecture check reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(open(machine_of, "rb").read(64))
+    path.write_bytes(Path(machine_of).read_bytes()[:64])
     return path
 
 
@@ -35,7 +36,7 @@ def test_auto_prefers_tcmalloc_minimal_then_jemalloc(tmp_path, monkeypatch):
 
 @linux_only
 def test_a_library_for_another_machine_is_never_preloaded(tmp_path, monkeypatch):
-    header = bytearray(open(sys.executable, "rb").read(64))
+    header = bytearray(Path(sys.executable).read_bytes()[:64])
     header[18:20] = (0xB7 if header[18:20] != b"\xb7\x00" else 0x3E).to_bytes(2, "little")  # aarch64 / x86-64
     other = tmp_path / "a" / "libtcmalloc_minimal.so.4"
     other.parent.mkdir()
@@ -77,9 +78,7 @@ def test_cli_bad_allocator_setting_exits_2(tmp_path, write_config):
 
 @pytest.mark.parametrize("setting", ["auto", "system"])
 def test_cli_runs_under_the_chosen_allocator(tmp_path, write_config, setting):
-    expected = "system"
-    if setting == "auto" and malloc.find("auto") is not None:
-        expected = "jemalloc" if "jemalloc" in malloc.find("auto") else "tcmalloc"
+    expected = malloc.kind(malloc.find(setting))
     run_dir = tmp_path / "r"
     env = {"SINGLESTEP_MALLOC": setting, "LD_PRELOAD": "", malloc._MARK: ""}
     result = run_cli("--config", str(write_config(base_config())), f"output.run_dir={run_dir}", env=env)

@@ -11,7 +11,16 @@ from torch import Tensor, nn
 
 from singlestep.data.base import Split
 
-__all__ = ["Engine", "StepStats", "advance_schedule"]
+__all__ = ["Engine", "StepStats", "advance_schedule", "set_lrs"]
+
+
+def set_lrs(groups: list[dict], lrs: list[Any]) -> None:
+    """Give each param group its lr; a tensor lr is filled in place (no new tensor, no sync)."""
+    for group, lr in zip(groups, lrs):
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def advance_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, k: int) -> list[list[float]]:
@@ -42,11 +51,7 @@ def advance_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, k: int) -
     else:
         rows += [[base * fn(start + j) for base, fn in pairs] for j in range(1, k)]
         new = [base * fn(start + k) for base, fn in pairs]
-    for group, lr in zip(groups, new):
-        if isinstance(group["lr"], Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+    set_lrs(groups, new)
     scheduler.last_epoch = start + k
     scheduler._step_count += k
     scheduler._last_lr = new

@@ -10,7 +10,7 @@ import torch
 import torch.optim.optimizer as _optim_module
 from torch import Tensor
 
-from singlestep.engine.base import Engine, advance_schedule
+from singlestep.engine.base import Engine, advance_schedule, set_lrs
 
 __all__ = ["EagerEngine"]
 
@@ -168,11 +168,11 @@ class EagerEngine(Engine):
             final = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
         for i, (x, y) in enumerate(zip(xs.split(1), ys.split(1))):  # [1, ...] views
             if rows is not None:
-                _set_lrs(groups, rows[i])
+                set_lrs(groups, rows[i])
             loss = loss_fn(model(x), y)
             self._apply(self._grads(loss), loss.detach())
         if rows is not None:
-            _set_lrs(groups, final)
+            set_lrs(groups, final)
         self._flush()
 
     def run_batch(self, micro_batches: list[Tensor]) -> None:
@@ -192,14 +192,6 @@ class EagerEngine(Engine):
         self._apply(grads, loss_total)
         self._schedule()
         self._flush()
-
-
-def _set_lrs(groups: list[dict], lrs: list[Any]) -> None:
-    for group, lr in zip(groups, lrs):
-        if isinstance(group["lr"], Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
 
 
 def _clip_coef32(max_norm: float, norm: float) -> float:
