@@ -8,6 +8,7 @@ from torch import nn
 
 from singlestep.data.base import TensorSplit
 from singlestep.engine import CompiledEngine, EagerEngine
+from singlestep.engine import compiled as compiled_module
 from singlestep.losses import loss_for
 from singlestep.optim import SGD, Adam
 from singlestep.optim.schedulers import cosine
@@ -115,10 +116,17 @@ def test_non_finite_sample_is_masked_in_compiled_chunk():
 
 
 def test_second_build_loads_the_cached_package(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
     monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
     first = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9))
+    graphs = counters["stats"]["unique_graphs"]
     first.run_samples(torch.arange(100))
     assert first.fallback_reason is None and not first.cache_hit
+    assert counters["stats"]["unique_graphs"] == graphs  # the chunk's scan is exported without Dynamo
+    # Inductor's check of the CPU's vector ISAs is remembered once it passed them all.
+    record = compiled_module._vec_isa_record()
+    assert record is None or record.exists() == compiled_module._vec_isas_all_passed()
     assert len(list((tmp_path / "compiled").glob("chunk-*.pt2"))) == 1
     assert len(list((tmp_path / "compiled").glob("recipe-*.txt"))) == 1
     second = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9))
