@@ -48,7 +48,7 @@ __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 _PER_SAMPLE_SPEEDUP = 15.0
 _PER_SAMPLE_SPEEDUP_LARGE = 2.5
 _MINIBATCH_SPEEDUP = 1.15
-_COMPILE_BASE_S = 10.5
+_COMPILE_BASE_S = 8.5
 _COMPILE_PER_NODE_S = 0.02
 _CACHED_LOAD_S = 0.2
 # Below this many parameters, per-sample chunks run on one thread (see CompiledEngine).
@@ -597,7 +597,7 @@ class CompiledEngine(EagerEngine):
         speed-up and the compile time are estimates from measurements on a 2-core CPU
         (docs/performance.md): per-sample chunks run ~15x faster than eager steps for small
         models (one thread), ~2.5x for larger ones (the tiny LM), mini-batch steps ~1.15x; a cold
-        compile costs ~10.5 s plus ~20 ms per graph node, a cached package ~0.2 s (a trace, or a
+        compile costs ~8.5 s plus ~20 ms per graph node, a cached package ~0.2 s (a trace, or a
         recipe and a load).
         """
         nodes = len(graph.graph.nodes) if graph is not None else 0  # None: a known recipe (cached)
