@@ -99,6 +99,33 @@ def test_untraceable_optimizer_falls_back_to_eager_with_one_warning():
         torch.testing.assert_close(b, a)
 
 
+class SharedStepSGD(torch.optim.Optimizer):
+    """Counts steps in one tensor shared by all parameters' state."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+        self.shared = torch.zeros(())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].setdefault("step", self.shared).add_(1)
+                p.add_(p.grad * -group["lr"])
+
+
+def test_state_shared_between_parameters_falls_back_with_the_reason():
+    engine = make(CompiledEngine, lambda p: SharedStepSGD(p))
+    reference = make(EagerEngine, lambda p: SharedStepSGD(p))
+    order = torch.arange(100)
+    with pytest.warns(UserWarning, match="state 'step' of parameter 1 shares its memory with optimizer state 'step'"):
+        engine.run_samples(order)
+    reference.run_samples(order)
+    assert float(engine.optimizer.shared) == float(reference.optimizer.shared) == 200  # two tensors x 100 steps
+    for a, b in zip(reference.model.parameters(), engine.model.parameters()):
+        torch.testing.assert_close(b, a)
+
+
 def test_non_finite_sample_is_masked_in_compiled_chunk():
     split = classification_split(n=64)
     split.inputs = split.inputs.float()

@@ -309,6 +309,23 @@ class CompiledEngine(EagerEngine):
         in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
         if not in_opt <= trainable:
             raise CompileUnsupported("the optimizer holds tensors that are not trainable model parameters")
+        # The traced step gives each parameter its own copy of its state and updates every tensor
+        # in place: state shared between parameters (one step counter for all, say) would be
+        # updated once per parameter instead of once per step.
+        owner: dict[int, str] = {}
+        named = [(f"parameter {i}", p) for i, p in enumerate(self.params)]
+        named += [(f"optimizer state '{key}' of parameter {i}", value)
+                  for i, p in enumerate(self.params) for key, value in sorted(opt.state.get(p, {}).items())]  # fmt: skip
+        for what, t in named:
+            if t.numel() == 0:
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in owner:
+                raise CompileUnsupported(
+                    f"{what} shares its memory with {owner[ptr]}; the compiled step keeps each parameter's "
+                    "state in tensors of its own"
+                )
+            owner[ptr] = what
 
     def _trace_step(self, micro: int, rows: int) -> tuple[torch.fx.GraphModule, list[Tensor], list[list[str]]]:
         """Trace one optimizer step into a pure graph ``(flat, (x, y, lr)) -> (flat', stats)``.
