@@ -3,9 +3,9 @@
 The compiled engine already runs K steps per call; on a GPU what remains per call is the launch
 of each kernel from the host. Capturing the whole chunk (the compiled step kernels, the in-place
 update of parameters and state, the statistics) into a ``torch.cuda.CUDAGraph`` turns a chunk
-into one replay. Shapes are static: each chunk reads its sample indices and per-step learning rates from
-fixed device buffers that are filled before the replay, so neither a new order nor a schedule
-needs a new capture.
+into one replay. Shapes are static: each chunk reads its sample indices and per-step learning
+rates from fixed device buffers that are filled before the replay, so neither a new order nor a
+schedule needs a new capture.
 """
 
 from __future__ import annotations
