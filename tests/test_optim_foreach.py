@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from singlestep.optim import adagrad as adagrad_mod
 from singlestep.optim import adam as adam_mod
 from singlestep.optim import sgd as sgd_mod
-from singlestep.optim._foreach import _foreach_ok
+from singlestep.optim._foreach import _foreach_ok, _host_scalars_ok
 from singlestep.optim.adamw import AdamW
 
 CASES = [
@@ -55,3 +56,40 @@ def test_foreach_only_for_one_device_and_dtype():
     assert _foreach_ok([a, b], [a])
     assert not _foreach_ok([a, torch.zeros(2, dtype=torch.float64)])
     assert not _foreach_ok([], [])
+
+
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing: with one active the step counts stay tensors."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("n_tensors", [3, 12])  # 12: the stacked float64 pow takes the vector path
+@pytest.mark.parametrize("lr_tensor", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("cls", [adam_mod.Adam, AdamW], ids=["Adam", "AdamW"])
+def test_adam_host_bias_corrections_match_tensor_maths(cls, lr_tensor, n_tensors):
+    def run(host: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.randn(5, 3, requires_grad=True) for _ in range(n_tensors)]
+        opt = cls(params, lr=torch.tensor(0.01) if lr_tensor else 0.01, weight_decay=0.1)
+        for step in range(300):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (step + 1) + i)
+            if host:
+                opt.step()
+            else:
+                with _PassThrough():
+                    opt.step()
+        return [p.detach() for p in params]
+
+    for a, b in zip(run(host=False), run(host=True)):
+        assert torch.equal(a, b)
+
+
+def test_host_scalars_only_on_the_cpu_outside_tracing():
+    steps = [torch.zeros(()), torch.zeros(())]
+    assert _host_scalars_ok(steps)
+    assert not _host_scalars_ok([torch.zeros((), device="meta")])
+    with _PassThrough():
+        assert not _host_scalars_ok(steps)

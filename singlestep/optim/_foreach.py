@@ -8,6 +8,7 @@ torch.optim, we take the foreach path when every tensor involved shares one devi
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 __all__: list[str] = []
@@ -20,3 +21,18 @@ def _foreach_ok(*tensor_lists: list[Tensor]) -> bool:
         return False
     device, dtype = first.device, first.dtype
     return all(t.device == device and t.dtype == dtype and not t.is_sparse for ts in tensor_lists for t in ts)
+
+
+def _host_scalars_ok(tensors: list[Tensor]) -> bool:
+    """True when small per-step values (step counts) may be read on the host and used as numbers.
+
+    That is: CPU tensors (reading one costs less than the several tiny tensor ops it replaces, and
+    there is no device to wait for), in plain execution: not inside ``torch.compile``, and with no
+    dispatch mode active (``make_fx``/export tracing, fake tensors), where a read would fail or
+    freeze the value into a graph. Elsewhere the caller keeps its tensor maths.
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(t.device.type == "cpu" for t in tensors)
+    )

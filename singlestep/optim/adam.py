@@ -1,12 +1,13 @@
 """``adam``: bias-corrected first and second moment estimates, L2 weight decay (torch.optim.Adam)."""
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from singlestep.optim._foreach import _foreach_ok
+from singlestep.optim._foreach import _foreach_ok, _host_scalars_ok
 from singlestep.optim._scalar_state import _scalar_state_to_fp32, _scalar_zero
 from singlestep.registry import OPTIMIZERS
 
@@ -226,7 +227,8 @@ def _multi_tensor_adam(
     decoupled_weight_decay: bool,
 ) -> None:
     """The loop above with one ``_foreach`` call per op; the bias corrections of all tensors are
-    computed together from their stacked step counters (float64, as above)."""
+    computed together from their stacked step counters (float64, as above), on the host when the
+    counters may be read there (``_host_scalars_ok``)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     torch._foreach_add_(state_steps, 1)
@@ -241,19 +243,28 @@ def _multi_tensor_adam(
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
-    step = torch.stack(state_steps).double()  # [n]
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step).sqrt()
-    neg_step_size = (lr / bias_correction1).neg()
+    bias_correction2_sqrt: list[float] | list[Tensor]
+    neg_step_size: list[float] | list[Tensor]
+    if _host_scalars_ok(state_steps):
+        # On the CPU, outside tracing: the counts read once and the same float64 operations on
+        # the host (C pow and sqrt, as the tensor maths below), ~10 fewer tiny tensor ops a step.
+        lr_value = float(lr)
+        steps = torch.stack(state_steps).tolist()
+        bias_correction2_sqrt = [math.sqrt(1 - beta2**s) for s in steps]
+        neg_step_size = [-(lr_value / (1 - beta1**s)) for s in steps]
+    else:
+        step = torch.stack(state_steps).double()  # [n]
+        bias_correction2_sqrt = list((1 - beta2**step).sqrt().unbind())
+        neg_step_size = list((lr / (1 - beta1**step)).neg().unbind())
 
     if amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
         denom = torch._foreach_sqrt(max_exp_avg_sqs)
     else:
         denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, list(bias_correction2_sqrt.unbind()))
+    torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
 
     update = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(update, list(neg_step_size.unbind()))
+    torch._foreach_mul_(update, neg_step_size)
     torch._foreach_add_(params, update)
