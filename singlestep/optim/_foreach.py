@@ -27,12 +27,26 @@ def _host_scalars_ok(tensors: list[Tensor]) -> bool:
     """True when small per-step values (step counts) may be read on the host and used as numbers.
 
     That is: CPU tensors (reading one costs less than the several tiny tensor ops it replaces, and
-    there is no device to wait for), in plain execution: not inside ``torch.compile``, and with no
-    dispatch mode active (``make_fx``/export tracing, fake tensors), where a read would fail or
-    freeze the value into a graph. Elsewhere the caller keeps its tensor maths.
+    there is no device to wait for), in plain execution: not inside ``torch.compile`` or
+    ``torch.jit.trace``, with no dispatch mode active (``make_fx``/export tracing, fake tensors,
+    also pre-dispatch) and no ``torch.func`` transform, where a read would fail or freeze the
+    value into a graph. Elsewhere, or where this torch lacks the checks, the caller keeps its
+    tensor maths.
     """
+    if None in (_dispatch_depth, _pre_dispatch_depth, _transforms, _jit_tracing):
+        return False
     return (
         not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
+        and _dispatch_depth() == 0
+        and _pre_dispatch_depth() == 0
+        and _transforms() is None
+        and _jit_tracing() is None
         and all(t.device.type == "cpu" for t in tensors)
     )
+
+
+# Private torch checks behind _host_scalars_ok (None where this torch lacks them).
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_pre_dispatch_depth = getattr(torch._ops, "_len_torch_dispatch_stack_pre_dispatch", None)
+_transforms = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+_jit_tracing = getattr(torch._C, "_get_tracing_state", None)

@@ -34,9 +34,12 @@ class Adam(Optimizer):
         the second-moment bias correction. Both moments start at 0 and are bias corrected, so the
         first step has size about :math:`\gamma` per coordinate. Weight decay is L2 (it goes
         through the moments); :class:`~singlestep.optim.adamw.AdamW` decouples it. The bias
-        corrections are computed on the device from the float32 ``step`` tensor, in float64 (torch
-        reads the step back to the host in eager mode; its ``capturable`` path uses float32, which
-        drifts ~1e-5 relative from eager within 50 steps), never read back to the host.
+        corrections are computed in float64 from the float32 ``step`` tensor (torch's
+        ``capturable`` path uses float32, which drifts ~1e-5 relative from eager within 50
+        steps): as tensor maths on an accelerator and whenever the step is traced or compiled;
+        on the CPU in plain execution, as torch does in eager mode, from the step read back to
+        the host with the same float64 formulas (the ``_foreach`` path; float32 parameters come
+        out bit-identical in tests, float64 ones may differ in the last bit).
 
     Args:
         params: parameters or parameter-group dicts.
@@ -246,12 +249,17 @@ def _multi_tensor_adam(
     bias_correction2_sqrt: list[float] | list[Tensor]
     neg_step_size: list[float] | list[Tensor]
     if _host_scalars_ok(state_steps):
-        # On the CPU, outside tracing: the counts read once and the same float64 operations on
-        # the host (C pow and sqrt, as the tensor maths below), ~10 fewer tiny tensor ops a step.
-        lr_value = float(lr)
+        # On the CPU, outside tracing: the counts read once and the same float64 formulas on the
+        # host, ~10 fewer tiny tensor ops a step (``float / tensor`` is ``reciprocal() * float``,
+        # tensor / tensor divides). C pow and torch's pow can differ in the last bit (beta2 =
+        # 0.999: 2 of the first 300 steps), below float32 parameters' resolution (tested equal).
         steps = torch.stack(state_steps).tolist()
         bias_correction2_sqrt = [math.sqrt(1 - beta2**s) for s in steps]
-        neg_step_size = [-(lr_value / (1 - beta1**s)) for s in steps]
+        if isinstance(lr, Tensor):
+            lr_value = float(lr)
+            neg_step_size = [-(lr_value / (1 - beta1**s)) for s in steps]
+        else:
+            neg_step_size = [-((1 / (1 - beta1**s)) * lr) for s in steps]
     else:
         step = torch.stack(state_steps).double()  # [n]
         bias_correction2_sqrt = list((1 - beta2**step).sqrt().unbind())
