@@ -68,8 +68,8 @@ def test_compiled_matches_eager_after_1000_steps(case):
     assert sc["grad_norm_max"] == pytest.approx(se["grad_norm_max"], rel=1e-4)
 
 
-class IntStepSGD(torch.optim.Optimizer):
-    """Keeps a Python int in its state: cannot be traced into a compiled step."""
+class PlainSGD(torch.optim.Optimizer):
+    """``p -= lr * grad``; subclasses add their own state handling in ``update``."""
 
     def __init__(self, params, lr=0.1):
         super().__init__(params, {"lr": lr})
@@ -78,11 +78,19 @@ class IntStepSGD(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state["n"] = state.get("n", 0) + 1
-                p.add_(p.grad * -group["lr"])
+                if p.grad is not None:
+                    self.update(p, self.state[p], group)
+
+    def update(self, p, state, group):
+        p.add_(p.grad * -group["lr"])
+
+
+class IntStepSGD(PlainSGD):
+    """Keeps a Python int in its state: cannot be traced into a compiled step."""
+
+    def update(self, p, state, group):
+        state["n"] = state.get("n", 0) + 1
+        super().update(p, state, group)
 
 
 def test_untraceable_optimizer_falls_back_to_eager_with_one_warning():
@@ -99,19 +107,16 @@ def test_untraceable_optimizer_falls_back_to_eager_with_one_warning():
         torch.testing.assert_close(b, a)
 
 
-class SharedStepSGD(torch.optim.Optimizer):
+class SharedStepSGD(PlainSGD):
     """Counts steps in one tensor shared by all parameters' state."""
 
     def __init__(self, params, lr=0.1):
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, lr)
         self.shared = torch.zeros(())
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p].setdefault("step", self.shared).add_(1)
-                p.add_(p.grad * -group["lr"])
+    def update(self, p, state, group):
+        state.setdefault("step", self.shared).add_(1)
+        super().update(p, state, group)
 
 
 def test_state_shared_between_parameters_falls_back_with_the_reason():
@@ -124,6 +129,24 @@ def test_state_shared_between_parameters_falls_back_with_the_reason():
     assert float(engine.optimizer.shared) == float(reference.optimizer.shared) == 200  # two tensors x 100 steps
     for a, b in zip(reference.model.parameters(), engine.model.parameters()):
         torch.testing.assert_close(b, a)
+
+
+class HistorySGD(PlainSGD):
+    """Appends each step's gradient norm to a state tensor that grows."""
+
+    def update(self, p, state, group):
+        state["hist"] = torch.cat([state.get("hist", torch.zeros(0)), p.grad.norm()[None]])
+        super().update(p, state, group)
+
+
+def test_state_that_changes_shape_falls_back_with_the_reason():
+    # A mini-batch step is compiled without a loop, so nothing else would catch the mismatch.
+    engine = make(CompiledEngine, lambda p: HistorySGD(p), batch_shape=(1, 8))
+    with pytest.warns(UserWarning, match=r"the step turns optimizer state 'hist' of parameter 0 from torch.float32 \(2,\)"):
+        for step in range(4):
+            engine.run_batch([torch.arange(8) + 8 * step])
+    assert engine.fallback_reason is not None
+    assert [len(s["hist"]) for s in engine.optimizer.state.values()] == [4, 4]
 
 
 def test_non_finite_sample_is_masked_in_compiled_chunk():
@@ -205,6 +228,28 @@ def test_compiled_minibatch_with_accumulation_matches_eager():
     se, sc = eager.read(), compiled.read()
     assert sc["steps"] == se["steps"] == 61
     assert sc["loss"] == pytest.approx(se["loss"], rel=1e-5)
+
+
+class ScaledSGD(PlainSGD):
+    """Reads a tensor attribute in step(): a constant of the traced step."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, lr)
+        self.scale = torch.tensor([0.5, 0.25])
+
+    def update(self, p, state, group):
+        p.add_(p.grad * -group["lr"] * self.scale.sum())
+
+
+def test_compiled_single_batch_step_with_a_tensor_constant_matches_eager():
+    eager = make(EagerEngine, lambda p: ScaledSGD(p))
+    compiled = make(CompiledEngine, lambda p: ScaledSGD(p), batch_shape=(1, 8))
+    for step in range(20):
+        eager.run_batch([torch.arange(8) + 8 * step])
+        compiled.run_batch([torch.arange(8) + 8 * step])
+    assert compiled.fallback_reason is None and (1, 1, 8) in compiled._fns
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_cuda_graph_engine_needs_cuda():

@@ -312,20 +312,25 @@ class CompiledEngine(EagerEngine):
         # The traced step gives each parameter its own copy of its state and updates every tensor
         # in place: state shared between parameters (one step counter for all, say) would be
         # updated once per parameter instead of once per step.
-        owner: dict[tuple[str, int], str] = {}
-        named = [(f"parameter {i}", p) for i, p in enumerate(self.params)]
-        named += [(f"optimizer state '{key}' of parameter {i}", value)
-                  for i, p in enumerate(self.params) for key, value in sorted(opt.state.get(p, {}).items())]  # fmt: skip
-        for what, t in named:
-            if t.numel() == 0 or t.is_sparse:
-                continue
-            ptr = (str(t.device), t.untyped_storage().data_ptr())
-            if ptr in owner:
+        state_keys = [sorted(opt.state.get(p, {})) for p in self.params]
+        spans = []
+        for what, t in zip(self._flat_names(state_keys), self._flat(state_keys)):
+            if t.numel() and not t.is_sparse:
+                start = t.data_ptr()
+                extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+                spans.append((str(t.device), start, start + extent * t.element_size(), what))
+        spans.sort()
+        for (dev_a, _, end_a, what_a), (dev_b, start_b, _, what_b) in zip(spans, spans[1:]):
+            if dev_a == dev_b and start_b < end_a:
                 raise CompileUnsupported(
-                    f"{what} shares its memory with {owner[ptr]}; the compiled step keeps each parameter's "
+                    f"{what_b} shares its memory with {what_a}; the compiled step keeps each parameter's "
                     "state in tensors of its own"
                 )
-            owner[ptr] = what
+
+    def _flat_names(self, state_keys: list[list[str]]) -> list[str]:
+        """What each tensor of ``_flat(state_keys)`` is, for messages."""
+        names = [f"parameter {i}" for i in range(len(self.params))]
+        return names + [f"optimizer state '{key}' of parameter {i}" for i, keys in enumerate(state_keys) for key in keys]
 
     def _trace_step(self, micro: int, rows: int) -> tuple[torch.fx.GraphModule, list[Tensor], list[list[str]]]:
         """Trace one optimizer step into a pure graph ``(flat, (x, y, lr)) -> (flat', stats)``.
@@ -344,6 +349,7 @@ class CompiledEngine(EagerEngine):
         pos_of = {id(p): i for i, p in enumerate(params)}
         group_members = [[pos_of[id(p)] for p in g["params"]] for g in groups]
         state_keys = [sorted(opt.state.get(p, {})) for p in params]
+        flat_names = self._flat_names(state_keys)
         n_params = len(params)
         clip_norm, clip_value, check_finite = self.clip_grad_norm, self.clip_grad_value, self.check_finite
 
@@ -395,6 +401,16 @@ class CompiledEngine(EagerEngine):
                 opt.state = saved[2]
             for p in new_p:
                 p.grad = None
+            # The chunk writes these back in place: a tensor the optimizer rebinds to another
+            # shape or dtype (a growing history, say) cannot be.
+            olds = ps + [d[k] for d, keys in zip(ss, state_keys) for k in keys]
+            news = new_p + [d[k] for d, keys in zip(new_s, state_keys) for k in keys]
+            for what, old, new in zip(flat_names, olds, news):
+                if new.shape != old.shape or new.dtype != old.dtype:
+                    raise CompileUnsupported(
+                        f"the step turns {what} from {old.dtype} {tuple(old.shape)} into {new.dtype} "
+                        f"{tuple(new.shape)}; keep each state tensor's dtype and shape to compile the step"
+                    )
             if check_finite:  # a non-finite step leaves parameters and state as they were
                 out_p = [torch.where(finite, a, b) for a, b in zip(new_p, ps)]
                 out_s = [torch.where(finite, d2[k], d1[k]) for d1, d2, keys in zip(ss, new_s, state_keys) for k in keys]
@@ -524,7 +540,9 @@ class CompiledEngine(EagerEngine):
                 exported = torch.export.export(Chunk(), example, strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
-            isa_record = _vec_isa_record() if self.train.device.type == "cpu" else None
+            # Only where the user has not set Inductor's ISA check (TORCHINDUCTOR_VEC_ISA_OK).
+            unset = torch._inductor.config.cpp.vec_isa_ok is None
+            isa_record = _vec_isa_record() if unset and self.train.device.type == "cpu" else None
             known_isas = {"cpp.vec_isa_ok": True} if isa_record is not None and isa_record.exists() else {}
             with warnings.catch_warnings(), torch._inductor.config.patch(known_isas):
                 warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation chatter inside torch
