@@ -131,6 +131,34 @@ def test_state_shared_between_parameters_falls_back_with_the_reason():
         torch.testing.assert_close(b, a)
 
 
+class FlatMomentumSGD(PlainSGD):
+    """Momentum buffers as disjoint slices of one flat tensor."""
+
+    def update(self, p, state, group):
+        if "buf" not in state:
+            if not hasattr(self, "flat"):
+                self.flat, self.used = torch.zeros(sum(q.numel() for g in self.param_groups for q in g["params"])), 0
+            state["buf"] = self.flat[self.used : self.used + p.numel()].view_as(p)
+            self.used += p.numel()
+        state["buf"].mul_(0.9).add_(p.grad)
+        p.add_(state["buf"] * -group["lr"])
+
+
+def test_state_in_slices_of_one_buffer_compiles_as_batch_steps_only():
+    per_sample = make(CompiledEngine, lambda p: FlatMomentumSGD(p))
+    with pytest.warns(UserWarning, match="'buf' of parameter 1 and optimizer state 'buf' of parameter 0 are slices of one"):
+        per_sample.run_samples(torch.arange(100))
+    eager = make(EagerEngine, lambda p: FlatMomentumSGD(p))
+    batched = make(CompiledEngine, lambda p: FlatMomentumSGD(p), batch_shape=(1, 8))
+    for step in range(10):
+        eager.run_batch([torch.arange(8) + 8 * step])
+        batched.run_batch([torch.arange(8) + 8 * step])
+    assert batched.fallback_reason is None and (1, 1, 8) in batched._fns
+    for a, b in zip(eager.model.parameters(), batched.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert batched.optimizer.state[batched.params[1]]["buf"]._base is batched.optimizer.flat  # still slices
+
+
 class HistorySGD(PlainSGD):
     """Appends each step's gradient norm to a state tensor that grows."""
 

@@ -293,7 +293,7 @@ class CompiledEngine(EagerEngine):
         self.fallback_reason = reason
         warnings.warn(f"engine 'compiled' falls back to eager: {reason}", stacklevel=3)
 
-    def _check_supported(self) -> None:
+    def _check_supported(self, shape: tuple[int, int, int]) -> None:
         model, opt = self.model, self.optimizer
         if any(True for _ in model.buffers()):
             raise CompileUnsupported("the model has buffers (e.g. BatchNorm running stats), which the compiled step does not carry")
@@ -326,6 +326,17 @@ class CompiledEngine(EagerEngine):
                     f"{what_b} shares its memory with {what_a}; the compiled step keeps each parameter's "
                     "state in tensors of its own"
                 )
+        if shape[0] > 1:  # torch's scan refuses carries that share a storage, even disjoint slices of it
+            owner: dict[tuple[str, int], str] = {}
+            for what, t in zip(self._flat_names(state_keys), self._flat(state_keys)):
+                if t.numel() and not t.is_sparse:
+                    key = (str(t.device), t.untyped_storage().data_ptr())
+                    if key in owner:
+                        raise CompileUnsupported(
+                            f"{what} and {owner[key]} are slices of one storage; per-sample chunks need each "
+                            "parameter and state tensor in storage of its own (mini-batch steps allow it)"
+                        )
+                    owner[key] = what
 
     def _flat_names(self, state_keys: list[list[str]]) -> list[str]:
         """What each tensor of ``_flat(state_keys)`` is, for messages."""
@@ -460,7 +471,7 @@ class CompiledEngine(EagerEngine):
         without importing the compiler (~1 s of start-up); any other run traces, and finds the
         package by the graph's hash when only the recipe changed (a reformatted file, say).
         """
-        self._check_supported()
+        self._check_supported(shape)
         k, micro, rows = shape
         state_keys = [sorted(self.optimizer.state.get(p, {})) for p in self.params]
         self._state_keys = state_keys
