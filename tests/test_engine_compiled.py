@@ -146,7 +146,7 @@ class FlatMomentumSGD(PlainSGD):
 
 def test_state_in_slices_of_one_buffer_compiles_as_batch_steps_only():
     per_sample = make(CompiledEngine, lambda p: FlatMomentumSGD(p))
-    with pytest.warns(UserWarning, match="'buf' of parameter 1 and optimizer state 'buf' of parameter 0 are slices of one"):
+    with pytest.warns(UserWarning, match="'buf' of parameter 1 and optimizer state 'buf' of parameter 0 are slices"):
         per_sample.run_samples(torch.arange(100))
     eager = make(EagerEngine, lambda p: FlatMomentumSGD(p))
     batched = make(CompiledEngine, lambda p: FlatMomentumSGD(p), batch_shape=(1, 8))
@@ -170,7 +170,7 @@ class HistorySGD(PlainSGD):
 def test_state_that_changes_shape_falls_back_with_the_reason():
     # A mini-batch step is compiled without a loop, so nothing else would catch the mismatch.
     engine = make(CompiledEngine, lambda p: HistorySGD(p), batch_shape=(1, 8))
-    with pytest.warns(UserWarning, match=r"the step turns optimizer state 'hist' of parameter 0 from torch.float32 \(2,\)"):
+    with pytest.warns(UserWarning, match=r"the step turns optimizer state 'hist' of parameter 0 from torch.float32"):
         for step in range(4):
             engine.run_batch([torch.arange(8) + 8 * step])
     assert engine.fallback_reason is not None
@@ -269,15 +269,26 @@ class ScaledSGD(PlainSGD):
         p.add_(p.grad * -group["lr"] * self.scale.sum())
 
 
-def test_compiled_single_batch_step_with_a_tensor_constant_matches_eager():
-    eager = make(EagerEngine, lambda p: ScaledSGD(p))
-    compiled = make(CompiledEngine, lambda p: ScaledSGD(p), batch_shape=(1, 8))
-    for step in range(20):
-        eager.run_batch([torch.arange(8) + 8 * step])
-        compiled.run_batch([torch.arange(8) + 8 * step])
-    assert compiled.fallback_reason is None and (1, 1, 8) in compiled._fns
-    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+def test_step_reading_constants_falls_back_with_the_reason():
+    # An optimizer's tensor attribute (mini-batch: one step, no scan to refuse it) and a frozen
+    # layer (per-sample chunk) would be fixed at their compile-time values in a compiled step.
+    def build(engine_cls, frozen, **kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 5))
+        model[0].requires_grad_(not frozen)
+        opt = ScaledSGD([p for p in model.parameters() if p.requires_grad])
+        return engine_cls(model=model, loss_fn=loss_for("classification"), optimizer=opt, scheduler=None,
+                          train=classification_split(), **kw)  # fmt: skip
+
+    for frozen, kw in ((False, {"batch_shape": (1, 8)}), (True, {"chunk_size": 32})):
+        eager, compiled = build(EagerEngine, frozen), build(CompiledEngine, frozen, **kw)
+        with pytest.warns(UserWarning, match="the step reads tensors that are neither trainable parameters nor"):
+            for step in range(8):
+                idx = torch.arange(32) + 32 * step
+                for engine in (eager, compiled):
+                    engine.run_batch([idx[:8]]) if "batch_shape" in kw else engine.run_samples(idx)
+        for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+            torch.testing.assert_close(b, a)
 
 
 def test_cuda_graph_engine_needs_cuda():

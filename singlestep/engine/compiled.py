@@ -341,7 +341,8 @@ class CompiledEngine(EagerEngine):
     def _flat_names(self, state_keys: list[list[str]]) -> list[str]:
         """What each tensor of ``_flat(state_keys)`` is, for messages."""
         names = [f"parameter {i}" for i in range(len(self.params))]
-        return names + [f"optimizer state '{key}' of parameter {i}" for i, keys in enumerate(state_keys) for key in keys]
+        states = [f"optimizer state '{key}' of parameter {i}" for i, keys in enumerate(state_keys) for key in keys]
+        return names + states
 
     def _trace_step(self, micro: int, rows: int) -> tuple[torch.fx.GraphModule, list[Tensor], list[list[str]]]:
         """Trace one optimizer step into a pure graph ``(flat, (x, y, lr)) -> (flat', stats)``.
@@ -509,6 +510,16 @@ class CompiledEngine(EagerEngine):
         """Trace the chunk; return its package, compiling it unless the graph's hash is cached."""
         k, micro, rows = shape
         graph, _, _ = self._trace_step(micro, rows)
+        held = [*graph.named_parameters(), *graph.named_buffers(), *vars(graph).items()]
+        if any(isinstance(value, Tensor) for _, value in held):
+            # A chunk would keep their values from compile time (and a cached package from an
+            # earlier run): a frozen layer loaded from another checkpoint, or an attribute the
+            # optimizer updates, would be stale without any sign.
+            raise CompileUnsupported(
+                "the step reads tensors that are neither trainable parameters nor optimizer state (a frozen "
+                "parameter, a tensor attribute of the model or optimizer, or a tensor made in step()), which "
+                "a compiled step would fix at their compile-time values; use Python numbers or optimizer state"
+            )
         split = self.train
 
         class Chunk(torch.nn.Module):
