@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from singlestep import malloc
+from singlestep.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = 1.0
@@ -339,7 +340,11 @@ def main() -> int:
 
     sections = set(args.only.split(","))
     results: list[dict] = []
-    ours = malloc.kind(malloc.find())
+    try:
+        ours = malloc.kind(malloc.find())
+    except UserError as exc:  # a bad SINGLESTEP_MALLOC
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"singlestep bench: torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
           f"engines' allocator {ours}")  # fmt: skip
     # (label, impl, allocator): the reference as users run it, then our engines as the CLI runs them.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,6 +75,16 @@ def test_cli_bad_allocator_setting_exits_2(tmp_path, write_config):
     result = run_cli("--config", str(path), f"output.run_dir={tmp_path / 'r'}", env={"SINGLESTEP_MALLOC": str(tmp_path / "x.so")})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: SINGLESTEP_MALLOC=") and not (tmp_path / "r").exists()
+
+
+@linux_only
+def test_bench_bad_allocator_setting_exits_2(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, SINGLESTEP_MALLOC=str(tmp_path / "x.so"))
+    result = subprocess.run([sys.executable, str(root / "scripts" / "bench.py"), "--only", "persample"], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: SINGLESTEP_MALLOC=")
 
 
 @pytest.mark.parametrize("setting", ["auto", "system"])

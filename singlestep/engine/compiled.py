@@ -313,12 +313,12 @@ class CompiledEngine(EagerEngine):
         # in place: state shared between parameters (one step counter for all, say) would be
         # updated once per parameter instead of once per step.
         state_keys = [sorted(opt.state.get(p, {})) for p in self.params]
+        named = [(what, t) for what, t in zip(self._flat_names(state_keys), self._flat(state_keys))
+                 if t.numel() and not t.is_sparse]  # fmt: skip
         spans = []
-        for what, t in zip(self._flat_names(state_keys), self._flat(state_keys)):
-            if t.numel() and not t.is_sparse:
-                start = t.data_ptr()
-                extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-                spans.append((str(t.device), start, start + extent * t.element_size(), what))
+        for what, t in named:
+            extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+            spans.append((str(t.device), t.data_ptr(), t.data_ptr() + extent * t.element_size(), what))
         spans.sort()
         for (dev_a, _, end_a, what_a), (dev_b, start_b, _, what_b) in zip(spans, spans[1:]):
             if dev_a == dev_b and start_b < end_a:
@@ -328,15 +328,14 @@ class CompiledEngine(EagerEngine):
                 )
         if shape[0] > 1:  # torch's scan refuses carries that share a storage, even disjoint slices of it
             owner: dict[tuple[str, int], str] = {}
-            for what, t in zip(self._flat_names(state_keys), self._flat(state_keys)):
-                if t.numel() and not t.is_sparse:
-                    key = (str(t.device), t.untyped_storage().data_ptr())
-                    if key in owner:
-                        raise CompileUnsupported(
-                            f"{what} and {owner[key]} are slices of one storage; per-sample chunks need each "
-                            "parameter and state tensor in storage of its own (mini-batch steps allow it)"
-                        )
-                    owner[key] = what
+            for what, t in named:
+                key = (str(t.device), t.untyped_storage().data_ptr())
+                if key in owner:
+                    raise CompileUnsupported(
+                        f"{what} and {owner[key]} are slices of one storage; per-sample chunks need each "
+                        "parameter and state tensor in storage of its own (mini-batch steps allow it)"
+                    )
+                owner[key] = what
 
     def _flat_names(self, state_keys: list[list[str]]) -> list[str]:
         """What each tensor of ``_flat(state_keys)`` is, for messages."""
@@ -448,16 +447,15 @@ class CompiledEngine(EagerEngine):
         return [p.detach() for p in self.params] + [state[p][k] for p, keys in zip(self.params, state_keys) for k in keys]
 
     def _cache_key(self, graph: torch.fx.GraphModule, inputs: list[Any], shape: tuple[int, int, int]) -> str:
-        """A hash of everything the compiled chunk depends on: graph code, constants, input metas."""
+        """A hash of everything the compiled chunk depends on: graph code and input metas.
+
+        The graph holds no tensor constants (a step that reads any runs eagerly, see
+        ``_compile_or_find``), so its code is all of it.
+        """
         h = hashlib.sha256()
         h.update(f"{_FORMAT}|{torch.__version__}|{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}".encode())
         h.update(f"|{shape}|{self.train.signature()}|{self._inductor_configs(shape)}|".encode())
         h.update(graph.code.encode())
-        for name, value in sorted(graph.named_buffers()) + sorted(
-            (n, v) for n, v in vars(graph).items() if isinstance(v, Tensor)
-        ):
-            h.update(name.encode())
-            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         for t in torch.utils._pytree.tree_leaves(inputs):
             h.update(f"{tuple(t.shape)}:{t.dtype}:{t.device.type}|".encode())
         return h.hexdigest()[:32]
