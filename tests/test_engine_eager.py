@@ -105,3 +105,18 @@ def test_schedule_applies_per_step_as_a_hand_written_loop(tensor_lr):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert float(engine.optimizer.param_groups[0]["lr"]) == pytest.approx(0.2 / 51)
     assert engine.scheduler.last_epoch == sched.last_epoch == 50
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_clip_coefficient_rounds_as_tensor_maths(dtype):
+    """The host coefficient is the device expression's number, in the norm's own precision."""
+    from singlestep.engine.eager import _clip_coef
+
+    g = torch.Generator().manual_seed(0)
+    norms = (10 ** (torch.rand(500, generator=g, dtype=torch.float64) * 16 - 8)).to(dtype)
+    limits = (10 ** (torch.rand(500, generator=g, dtype=torch.float64) * 6 - 3)).tolist()
+    for norm, max_norm in zip(norms, limits):
+        expected = float((max_norm / (norm + 1e-6)).clamp_(max=1.0))
+        assert _clip_coef(max_norm, norm.item(), dtype) == expected
+    assert _clip_coef(1e38, 0.0, torch.float32) == 1.0  # float32 overflow is inf, then clamped
+    assert _clip_coef(1.0, 0.5, torch.float16) is None  # half precision: left to tensor maths

@@ -1,4 +1,4 @@
-"""The ``_foreach`` paths of sgd / adam / adagrad compute the same numbers as their per-tensor loops."""
+"""The ``_foreach`` and fused paths of sgd / adam / adagrad compute the same numbers as their per-tensor loops."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from singlestep.optim import adagrad as adagrad_mod
 from singlestep.optim import adam as adam_mod
 from singlestep.optim import sgd as sgd_mod
-from singlestep.optim._foreach import _foreach_ok, _host_scalars_ok
+from singlestep.optim._foreach import _foreach_ok, _fused_cpu_ok, _host_scalars_ok
 from singlestep.optim.adamw import AdamW
 
 CASES = [
@@ -23,9 +23,11 @@ CASES = [
 ]
 
 
-def _run(module, cls_name: str, kwargs: dict, monkeypatch, foreach: bool, lr_tensor: bool) -> list[torch.Tensor]:
+def _run(module, cls_name: str, kwargs: dict, monkeypatch, path: str, lr_tensor: bool) -> list[torch.Tensor]:
     with monkeypatch.context() as m:
-        if not foreach:
+        if path != "fused":
+            m.setattr(module, "_fused_cpu_ok", lambda *lists: False)
+        if path == "loop":
             m.setattr(module, "_foreach_ok", lambda *lists: False)
         torch.manual_seed(0)
         params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(2, 2, 2, requires_grad=True)]  # fmt: skip
@@ -39,16 +41,49 @@ def _run(module, cls_name: str, kwargs: dict, monkeypatch, foreach: bool, lr_ten
         return [p.detach().clone() for p in params]
 
 
+@pytest.mark.parametrize("path", ["foreach", "fused"])
 @pytest.mark.parametrize("lr_tensor", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
-def test_foreach_path_matches_loop(case, lr_tensor, monkeypatch):
+def test_foreach_and_fused_paths_match_loop(case, lr_tensor, path, monkeypatch):
     module, cls_name, kwargs = case
-    looped = _run(module, cls_name, kwargs, monkeypatch, foreach=False, lr_tensor=lr_tensor)
-    fused = _run(module, cls_name, kwargs, monkeypatch, foreach=True, lr_tensor=lr_tensor)
-    moved = [not torch.equal(a, b) for a, b in zip(looped, _run(module, cls_name, dict(kwargs, lr=0.0), monkeypatch, True, False))]  # fmt: skip
+    looped = _run(module, cls_name, kwargs, monkeypatch, "loop", lr_tensor=lr_tensor)
+    other = _run(module, cls_name, kwargs, monkeypatch, path, lr_tensor=lr_tensor)
+    moved = [not torch.equal(a, b) for a, b in zip(looped, _run(module, cls_name, dict(kwargs, lr=0.0), monkeypatch, path, False))]  # fmt: skip
     assert any(moved)  # the steps did something
-    for a, b in zip(looped, fused):
+    for a, b in zip(looped, other):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
+def test_fused_kernel_runs_only_in_plain_cpu_execution(case, monkeypatch):
+    """The fused kernel is the plain-CPU path; traced steps keep the foreach formula."""
+    module, cls_name, kwargs = case
+    calls: list[str] = []
+    for name in ("_fused_sgd_", "_fused_adam_", "_fused_adamw_", "_fused_adagrad_"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    cls = AdamW if cls_name == "AdamW" else getattr(module, cls_name)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    opt = cls(params, **kwargs)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(calls) == 1
+    with _PassThrough():  # as under make_fx / export: the foreach formula, no fused call
+        opt.step()
+    assert len(calls) == 1
+
+
+def test_fused_only_for_contiguous_cpu_float_tensors_of_one_layout():
+    a, b = torch.zeros(3, 2), torch.zeros(2)
+    assert _fused_cpu_ok([a, b], [a.clone(), b.clone()], [])
+    assert not _fused_cpu_ok([a.t()], [a.t().contiguous()])  # the kernel would pair wrong elements
+    assert not _fused_cpu_ok([a.half()], [a.half()])
+    assert not _fused_cpu_ok([a], [a.double()])
+    assert not _fused_cpu_ok([a], [torch.zeros(3, 2).to_sparse()])
+    assert not _fused_cpu_ok([], [])
+    with _PassThrough():
+        assert not _fused_cpu_ok([a], [a])
 
 
 def test_foreach_only_for_one_device_and_dtype():
@@ -69,7 +104,9 @@ class _PassThrough(TorchDispatchMode):
 @pytest.mark.parametrize("n_tensors", [3, 20])  # 20: the stacked float64 pow takes the vector path
 @pytest.mark.parametrize("lr_tensor", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("cls", [adam_mod.Adam, AdamW], ids=["Adam", "AdamW"])
-def test_adam_host_bias_corrections_match_tensor_maths(cls, lr_tensor, n_tensors, dtype):
+def test_adam_host_bias_corrections_match_tensor_maths(cls, lr_tensor, n_tensors, dtype, monkeypatch):
+    monkeypatch.setattr(adam_mod, "_fused_cpu_ok", lambda *lists: False)  # the foreach path's two forms
+
     def run(host: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         params = [torch.randn(5, 3, dtype=dtype, requires_grad=True) for _ in range(n_tensors)]

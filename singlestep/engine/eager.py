@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any
 
-import numpy as np
 import torch
 import torch.optim.optimizer as _optim_module
 from torch import Tensor
@@ -116,9 +116,9 @@ class EagerEngine(Engine):
 
         The loss and the norm are read once per step; the finite check, the clip coefficient and
         the statistics are then host arithmetic, and a step whose norm is under the clip
-        threshold is not multiplied by 1. The coefficient is computed in float32 with the same
-        roundings as the device expression (``t + 1e-6``, ``reciprocal``, ``* max``), so both
-        paths scale the gradients by the same number.
+        threshold is not multiplied by 1. The coefficient is computed in the norm's precision
+        with the same roundings as the device expression (``t + 1e-6``, ``reciprocal``,
+        ``* max``), so both paths scale the gradients by the same number.
         """
         stats = self.stats
         norm = _global_norm(grads)  # pre-clip global L2
@@ -135,8 +135,10 @@ class EagerEngine(Engine):
             if self.clip_grad_norm is not None:
                 n = _global_norm(grads).item()
         if self.clip_grad_norm is not None:
-            coef = _clip_coef32(self.clip_grad_norm, n)
-            if coef < 1.0:
+            coef = _clip_coef(self.clip_grad_norm, n, norm.dtype)
+            if coef is None:  # a half-precision norm: the device expression itself
+                torch._foreach_mul_(grads, (self.clip_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
+            elif coef < 1.0:
                 torch._foreach_mul_(grads, coef)
         self._step(grads)
 
@@ -194,11 +196,31 @@ class EagerEngine(Engine):
         self._flush()
 
 
-def _clip_coef32(max_norm: float, norm: float) -> float:
-    """``min(1, max_norm / (norm + 1e-6))`` rounded as float32 tensor maths rounds it."""
-    f32 = np.float32
-    coef = (f32(1.0) / (f32(norm) + f32(1e-6))) * f32(max_norm)
-    return min(float(coef), 1.0)
+def _clip_coef(max_norm: float, norm: float, dtype: torch.dtype) -> float | None:
+    """``min(1, max_norm / (norm + 1e-6))`` rounded as tensor maths in ``dtype`` rounds it.
+
+    float64 is Python's own float arithmetic. For float32 each operation is done in float64 and
+    rounded to float32 once, which gives exactly float32's result for +, * and / (float64 holds
+    more than twice float32's precision). None for other dtypes (the caller uses tensor maths).
+    """
+    if dtype == torch.float64:
+        return min((1.0 / (norm + 1e-6)) * max_norm, 1.0)
+    if dtype != torch.float32:
+        return None
+    coef = _round32(_round32(1.0 / _round32(norm + _EPS32)) * _round32(max_norm))
+    return min(coef, 1.0)
+
+
+_F32 = struct.Struct("f")
+_EPS32 = _F32.unpack(_F32.pack(1e-6))[0]
+
+
+def _round32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (to +-inf past float32's range, as a cast does)."""
+    try:
+        return _F32.unpack(_F32.pack(x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def _unwrapped_step(optimizer: torch.optim.Optimizer) -> Any:

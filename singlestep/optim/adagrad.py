@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from singlestep.optim._foreach import _foreach_ok
+from singlestep.optim._foreach import _foreach_ok, _fused_cpu_ok
 from singlestep.optim._scalar_state import _scalar_state_to_fp32, _scalar_zero
 from singlestep.registry import OPTIMIZERS
 
@@ -142,6 +142,11 @@ def adagrad(
     maximize: bool,
 ) -> None:
     """Functional Adagrad; see :class:`Adagrad`."""
+    if _fused_cpu_ok(params, grads, state_sums):
+        torch._foreach_add_(state_steps, 1)
+        torch._fused_adagrad_(params, grads, state_sums, state_steps, lr=lr, lr_decay=lr_decay,
+                              weight_decay=weight_decay, eps=eps, maximize=maximize)  # fmt: skip
+        return
     if _foreach_ok(params, grads, state_sums):
         _multi_tensor_adagrad(params, grads, state_sums, state_steps, lr=lr, weight_decay=weight_decay,
                               lr_decay=lr_decay, eps=eps, maximize=maximize)  # fmt: skip

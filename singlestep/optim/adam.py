@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from singlestep.optim._foreach import _foreach_ok, _host_scalars_ok
+from singlestep.optim._foreach import _foreach_ok, _fused_cpu_ok, _host_scalars_ok
 from singlestep.optim._scalar_state import _scalar_state_to_fp32, _scalar_zero
 from singlestep.registry import OPTIMIZERS
 
@@ -174,6 +174,12 @@ def adam(
     decoupled_weight_decay: bool,
 ) -> None:
     """Functional Adam / AdamW; see :class:`Adam` (``decoupled_weight_decay`` selects AdamW)."""
+    if _fused_cpu_ok(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+        torch._foreach_add_(state_steps, 1)
+        fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+        fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad=amsgrad, lr=lr,
+              beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize)  # fmt: skip
+        return
     if _foreach_ok(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
         _multi_tensor_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad=amsgrad,
                            beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=maximize,

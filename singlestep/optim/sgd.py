@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from singlestep.optim._foreach import _foreach_ok
+from singlestep.optim._foreach import _foreach_ok, _fused_cpu_ok
 from singlestep.optim._scalar_state import _scalar_state_to_fp32, _scalar_zero
 from singlestep.registry import OPTIMIZERS
 
@@ -152,6 +152,11 @@ def sgd(
     maximize: bool,
 ) -> None:
     """Functional SGD; see :class:`SGD`. ``state_steps`` is only used when ``dampening != 0``."""
+    if dampening == 0 and _fused_cpu_ok(params, grads, momentum_buffers):
+        # The zero-initialised buffer makes every step the general one (0 * momentum + grad).
+        torch._fused_sgd_(params, grads, momentum_buffers, weight_decay=weight_decay, momentum=momentum, lr=lr,
+                          dampening=0.0, nesterov=nesterov, maximize=maximize, is_first_step=False)  # fmt: skip
+        return
     if dampening == 0 and _foreach_ok(params, grads, momentum_buffers):
         _multi_tensor_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)  # fmt: skip
