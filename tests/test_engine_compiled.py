@@ -22,10 +22,10 @@ def classification_split(n=1200, d=20, classes=5, seed=0) -> TensorSplit:
     return TensorSplit(x, y, mean=0.5, std=0.3)
 
 
-def make(engine_cls, opt_factory, *, schedule=False, **kw):
+def make(engine_cls, opt_factory, *, schedule=False, model_factory=lambda: nn.Linear(20, 5), **kw):
     torch.manual_seed(0)
     split = classification_split()
-    model = nn.Linear(20, 5)
+    model = model_factory()
     opt = opt_factory(model.parameters())
     sched = cosine(opt, 1100, warmup_steps=100) if schedule else None
     extra = {"chunk_size": 32} if engine_cls is CompiledEngine else {}
@@ -256,6 +256,32 @@ def test_compiled_minibatch_with_accumulation_matches_eager():
     se, sc = eager.read(), compiled.read()
     assert sc["steps"] == se["steps"] == 61
     assert sc["loss"] == pytest.approx(se["loss"], rel=1e-5)
+
+
+def test_minibatch_linear_layers_compile_as_mm_plus_a_fusable_bias_add(monkeypatch):
+    """A non-tiny ``addmm`` reaches Inductor's lowering as ``mm`` + ``add``, with eager's numbers."""
+    seen = []
+    real = compiled_module._UnfusedBias.__call__
+
+    def spy(self, graph):
+        count = lambda: len(graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default))  # noqa: E731
+        before = count()
+        real(self, graph)
+        seen.append((before, count()))
+
+    monkeypatch.setattr(compiled_module._UnfusedBias, "__call__", spy)
+    mlp = lambda: nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))  # noqa: E731  64x20x64: not tiny
+    shape = {"batch_shape": (1, 64)}
+    eager = make(EagerEngine, lambda p: Adam(p, lr=1e-2), model_factory=mlp, clip_grad_norm=0.5)
+    compiled = make(CompiledEngine, lambda p: Adam(p, lr=1e-2), model_factory=mlp, clip_grad_norm=0.5, **shape)
+    batches = torch.randperm(1200, generator=torch.Generator().manual_seed(4))[:1152].view(-1, 1, 64)  # 18 steps
+    for step in batches:
+        eager.run_batch(list(step))
+        compiled.run_batch(list(step))
+    assert compiled.fallback_reason is None and (1, 1, 64) in compiled._fns
+    assert seen and seen[0][0] >= 1 and seen[0][1] == 0  # the forward's addmm became mm + add
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 class ScaledSGD(PlainSGD):
