@@ -258,8 +258,9 @@ def test_compiled_minibatch_with_accumulation_matches_eager():
     assert sc["loss"] == pytest.approx(se["loss"], rel=1e-5)
 
 
-def test_minibatch_linear_layers_compile_as_mm_plus_a_fusable_bias_add(monkeypatch):
+def test_minibatch_linear_layers_compile_as_mm_plus_a_fusable_bias_add(monkeypatch, tmp_path):
     """A non-tiny ``addmm`` reaches Inductor's lowering as ``mm`` + ``add``, with eager's numbers."""
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))  # compile here, not load a cached package
     seen = []
     real = compiled_module._UnfusedBias.__call__
 
@@ -282,6 +283,20 @@ def test_minibatch_linear_layers_compile_as_mm_plus_a_fusable_bias_add(monkeypat
     assert seen and seen[0][0] >= 1 and seen[0][1] == 0  # the forward's addmm became mm + add
     for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unfused_bias_pass_keeps_half_precision_addmm(dtype):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(0)
+    bias, x, w = (torch.randn(s, generator=g).to(dtype) for s in ((64,), (32, 48), (48, 64)))
+    gm = make_fx(lambda b, x, w: torch.ops.aten.addmm(b, x, w))(bias, x, w)
+    compiled_module._UNFUSED_BIAS(gm.graph)
+    gm.recompile()
+    left = len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default))
+    assert left == (1 if dtype == torch.bfloat16 else 0)  # bf16: mm would round before the bias
+    torch.testing.assert_close(gm(bias, x, w), torch.addmm(bias, x, w))
 
 
 class ScaledSGD(PlainSGD):

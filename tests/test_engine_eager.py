@@ -13,21 +13,31 @@ from singlestep.losses import loss_for
 from singlestep.optim import SGD, Adam
 
 
-def _engine(opt_factory, **kw) -> EagerEngine:
+class _Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return x.to(self.dtype)
+
+
+def _engine(opt_factory, dtype=torch.float32, **kw) -> EagerEngine:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (400, 12), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 4, (400,), generator=g)
-    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+    model = nn.Sequential(_Cast(dtype), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4)).to(dtype)
     return EagerEngine(model=model, loss_fn=loss_for("classification"), optimizer=opt_factory(model.parameters()),
                        scheduler=None, train=TensorSplit(x, y, mean=0.5, std=0.3), **kw)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("kw", [{"clip_grad_norm": 0.3}, {"clip_grad_norm": 50.0}, {"clip_grad_value": 0.01, "clip_grad_norm": 0.2}])
-def test_host_scalar_path_matches_device_path(kw):
+def test_host_scalar_path_matches_device_path(kw, dtype):
     """On the CPU the clip coefficient is host arithmetic; it must scale exactly as the tensor maths."""
-    host = _engine(lambda p: Adam(p, lr=1e-2), **kw)
-    device = _engine(lambda p: Adam(p, lr=1e-2), **kw)
+    host = _engine(lambda p: Adam(p, lr=1e-2), dtype, **kw)
+    device = _engine(lambda p: Adam(p, lr=1e-2), dtype, **kw)
     device._host_scalars = False
     assert host._host_scalars
     order = torch.randperm(400, generator=torch.Generator().manual_seed(3))
@@ -74,7 +84,7 @@ def test_unwrapped_step_gives_the_same_numbers():
 def test_non_finite_step_is_skipped_on_the_host_path():
     engine = _engine(lambda p: SGD(p, lr=0.1))
     with torch.no_grad():
-        engine.model[0].weight[0, 0] = float("nan")
+        engine.model[1].weight[0, 0] = float("nan")
     before = [p.detach().clone() for p in engine.model.parameters()]
     engine.run_samples(torch.arange(3))
     stats = engine.read()

@@ -23,14 +23,14 @@ CASES = [
 ]
 
 
-def _run(module, cls_name: str, kwargs: dict, monkeypatch, path: str, lr_tensor: bool) -> list[torch.Tensor]:
+def _run(module, cls_name: str, kwargs: dict, monkeypatch, path: str, lr_tensor: bool, dtype=torch.float32) -> list[torch.Tensor]:
     with monkeypatch.context() as m:
         if path != "fused":
-            m.setattr(module, "_fused_cpu_ok", lambda *lists: False)
+            m.setattr(module, "_fused_cpu_ok", lambda *lists, **kw: False)
         if path == "loop":
             m.setattr(module, "_foreach_ok", lambda *lists: False)
         torch.manual_seed(0)
-        params = [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(2, 2, 2, requires_grad=True)]  # fmt: skip
+        params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in ((4, 3), (3,), (2, 2, 2))]
         kw = dict(kwargs, lr=torch.tensor(kwargs["lr"])) if lr_tensor else kwargs
         cls = AdamW if cls_name == "AdamW" else getattr(module, cls_name)
         opt = cls(params, **kw)
@@ -41,17 +41,21 @@ def _run(module, cls_name: str, kwargs: dict, monkeypatch, path: str, lr_tensor:
         return [p.detach().clone() for p in params]
 
 
-@pytest.mark.parametrize("path", ["foreach", "fused"])
+@pytest.mark.parametrize("path", ["foreach", "fused", "fused-float64"])
 @pytest.mark.parametrize("lr_tensor", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
 def test_foreach_and_fused_paths_match_loop(case, lr_tensor, path, monkeypatch):
     module, cls_name, kwargs = case
-    looped = _run(module, cls_name, kwargs, monkeypatch, "loop", lr_tensor=lr_tensor)
-    other = _run(module, cls_name, kwargs, monkeypatch, path, lr_tensor=lr_tensor)
-    moved = [not torch.equal(a, b) for a, b in zip(looped, _run(module, cls_name, dict(kwargs, lr=0.0), monkeypatch, path, False))]  # fmt: skip
+    dtype = torch.float64 if path.endswith("float64") else torch.float32
+    path = path.split("-")[0]
+    looped = _run(module, cls_name, kwargs, monkeypatch, "loop", lr_tensor=lr_tensor, dtype=dtype)
+    other = _run(module, cls_name, kwargs, monkeypatch, path, lr_tensor=lr_tensor, dtype=dtype)
+    moved = [not torch.equal(a, b) for a, b in zip(looped, _run(module, cls_name, dict(kwargs, lr=0.0), monkeypatch, path, False, dtype))]  # fmt: skip
     assert any(moved)  # the steps did something
+    # float64: the loop computes a tensor lr's and Adagrad's decayed lr in float32, the kernel in double
+    tol = {"rtol": 1e-6, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-7}
     for a, b in zip(looped, other):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b, a, **tol)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(CASES)])
@@ -68,12 +72,14 @@ def test_fused_kernel_runs_only_in_plain_cpu_execution(case, monkeypatch):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    assert len(calls) == 1
+    expected = {"SGD": "_fused_sgd_", "Adam": "_fused_adam_", "AdamW": "_fused_adamw_", "Adagrad": "_fused_adagrad_"}
+    assert calls == [expected[cls_name]]
     with _PassThrough():  # as under make_fx / export: the foreach formula, no fused call
         opt.step()
-    assert len(calls) == 1
+    assert calls == [expected[cls_name]]
 
 
+@torch.no_grad()
 def test_fused_only_for_contiguous_cpu_float_tensors_of_one_layout():
     a, b = torch.zeros(3, 2), torch.zeros(2)
     assert _fused_cpu_ok([a, b], [a.clone(), b.clone()], [])
@@ -83,6 +89,10 @@ def test_fused_only_for_contiguous_cpu_float_tensors_of_one_layout():
     assert not _fused_cpu_ok([a], [torch.zeros(3, 2).to_sparse()])
     assert not _fused_cpu_ok([], [])
     with _PassThrough():
+        assert not _fused_cpu_ok([a], [a])
+    assert _fused_cpu_ok([a], [a], lr=torch.tensor(0.1))
+    assert not _fused_cpu_ok([a], [a], lr=torch.tensor(0.1, device="meta"))  # a tensor lr elsewhere
+    with torch.enable_grad():  # the functional form on tensors that need grad: no autograd formula
         assert not _fused_cpu_ok([a], [a])
 
 
@@ -105,7 +115,7 @@ class _PassThrough(TorchDispatchMode):
 @pytest.mark.parametrize("lr_tensor", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("cls", [adam_mod.Adam, AdamW], ids=["Adam", "AdamW"])
 def test_adam_host_bias_corrections_match_tensor_maths(cls, lr_tensor, n_tensors, dtype, monkeypatch):
-    monkeypatch.setattr(adam_mod, "_fused_cpu_ok", lambda *lists: False)  # the foreach path's two forms
+    monkeypatch.setattr(adam_mod, "_fused_cpu_ok", lambda *lists, **kw: False)  # the foreach path's two forms
 
     def run(host: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)

@@ -111,13 +111,17 @@ class _UnfusedBias:
     ~0.8 ms of a ~24 ms step in 17 such copies). Inductor keeps the add as a pointwise op that
     fuses with its neighbours (the GELU, the residual add) or runs as one vectorised pass. On a
     GPU Inductor unfuses like this by itself; on the CPU it fuses ``mm + bias`` back into
-    ``addmm`` earlier in the same stage, so this runs after its patterns.
+    ``addmm`` earlier in the same stage, so this runs after its patterns. Inductor runs it on scan
+    bodies too. bf16/fp16 outputs keep ``addmm`` (as Inductor keeps them): ``mm`` would round
+    the product to half precision before the bias is added.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
         for node in list(graph.find_nodes(op="call_function", target=aten.addmm.default)):
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                continue
+            if node.meta["val"].dtype in (torch.bfloat16, torch.float16):
                 continue
             bias, a, b = node.args[:3]
             with graph.inserting_before(node):
@@ -128,11 +132,11 @@ class _UnfusedBias:
             node.replace_all_uses_with(add)
             graph.erase_node(node)
 
-    def uuid(self) -> str:  # Inductor's cache key for a custom pass
+    def uuid(self) -> str:  # what Inductor's FX-graph cache would key on (AOT compiles skip it)
         return repr(self)
 
-    def __repr__(self) -> str:  # also in this package's cache keys
-        return "singlestep.UnfusedBias(v1)"
+    def __repr__(self) -> str:  # part of both cache keys via _inductor_configs: bump on any change
+        return "singlestep.UnfusedBias(v2)"
 
 
 _UNFUSED_BIAS = _UnfusedBias()

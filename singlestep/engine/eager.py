@@ -56,8 +56,9 @@ class EagerEngine(Engine):
             return
         stats = self.stats
         norms = torch.stack(self._norms)
-        stats.loss_sum += torch.stack(self._losses).sum()
-        stats.norm_sum += norms.sum()
+        # float32 sums: a bf16/fp16 model's per-step values summed in their own dtype lose digits
+        stats.loss_sum += torch.stack(self._losses).sum(dtype=torch.float32)
+        stats.norm_sum += norms.sum(dtype=torch.float32)
         torch.maximum(stats.norm_max, norms.max(), out=stats.norm_max)
         self._losses.clear()
         self._norms.clear()
@@ -133,7 +134,8 @@ class EagerEngine(Engine):
         if self.clip_grad_value is not None:
             self._clamp(grads)
             if self.clip_grad_norm is not None:
-                n = _global_norm(grads).item()
+                norm = _global_norm(grads)  # the clamped grads' norm (the half-precision branch uses the tensor)
+                n = norm.item()
         if self.clip_grad_norm is not None:
             coef = _clip_coef(self.clip_grad_norm, n, norm.dtype)
             if coef is None:  # a half-precision norm: the device expression itself

@@ -23,7 +23,7 @@ def _foreach_ok(*tensor_lists: list[Tensor]) -> bool:
     return all(t.device == device and t.dtype == dtype and not t.is_sparse for ts in tensor_lists for t in ts)
 
 
-def _fused_cpu_ok(*tensor_lists: list[Tensor]) -> bool:
+def _fused_cpu_ok(*tensor_lists: list[Tensor], lr: float | Tensor = 0.0) -> bool:
     """True when torch's fused CPU kernel (``torch._fused_adam_`` and friends) may update a group.
 
     One kernel call per step instead of ~10 ``_foreach`` calls: on a small model each of those
@@ -32,10 +32,14 @@ def _fused_cpu_ok(*tensor_lists: list[Tensor]) -> bool:
     next to its ``foreach`` path): per step, a few elements differ in the last bit. So they are
     taken where nothing traces the step (``_host_scalars_ok``: a traced or compiled step keeps
     the ``_foreach`` formula), for dense contiguous float32/float64 CPU tensors of one dtype (the
-    kernels walk memory linearly, so every tensor must have the parameter's layout).
+    kernels walk memory linearly, so every tensor must have the parameter's layout). Not with grad
+    mode on (the functional form called on tensors that need grad: the kernels have no autograd
+    formula and would update them silently) nor with a tensor lr on another device.
     """
     first = tensor_lists[0][0] if tensor_lists and tensor_lists[0] else None  # the params
-    if first is None or first.dtype not in _FUSED_DTYPES or not _host_scalars_ok(()):
+    if first is None or first.dtype not in _FUSED_DTYPES or torch.is_grad_enabled() or not _host_scalars_ok(()):
+        return False
+    if isinstance(lr, Tensor) and not lr.is_cpu:
         return False
     dtype = first.dtype
     for ts in tensor_lists:  # a plain loop: this runs on every per-sample step

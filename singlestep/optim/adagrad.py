@@ -142,7 +142,7 @@ def adagrad(
     maximize: bool,
 ) -> None:
     """Functional Adagrad; see :class:`Adagrad`."""
-    if _fused_cpu_ok(params, grads, state_sums):
+    if _fused_cpu_ok(params, grads, state_sums, lr=lr):
         torch._foreach_add_(state_steps, 1)
         torch._fused_adagrad_(params, grads, state_sums, state_steps, lr=lr, lr_decay=lr_decay,
                               weight_decay=weight_decay, eps=eps, maximize=maximize)  # fmt: skip

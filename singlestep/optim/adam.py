@@ -37,9 +37,11 @@ class Adam(Optimizer):
         corrections are computed in float64 from the float32 ``step`` tensor (torch's
         ``capturable`` path uses float32, which drifts ~1e-5 relative from eager within 50
         steps): as tensor maths on an accelerator and whenever the step is traced or compiled;
-        on the CPU in plain execution, as torch does in eager mode, from the step read back to
-        the host with the same float64 formulas (the ``_foreach`` path; float32 parameters come
-        out bit-identical in tests, float64 ones may differ in the last bit).
+        on the CPU in plain execution, as torch does in eager mode, in double on the host: by
+        torch's fused CPU kernel for dense contiguous float32/float64 groups (last-bit
+        differences from the ``_foreach`` formula, as torch's ``fused`` and ``foreach`` paths
+        differ), else the ``_foreach`` path reads the step back and uses the same float64
+        formulas (float32 parameters bit-identical to its tensor form in tests).
 
     Args:
         params: parameters or parameter-group dicts.
@@ -174,7 +176,7 @@ def adam(
     decoupled_weight_decay: bool,
 ) -> None:
     """Functional Adam / AdamW; see :class:`Adam` (``decoupled_weight_decay`` selects AdamW)."""
-    if _fused_cpu_ok(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+    if _fused_cpu_ok(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr=lr):
         torch._foreach_add_(state_steps, 1)
         fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
         fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad=amsgrad, lr=lr,

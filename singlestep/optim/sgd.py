@@ -152,7 +152,7 @@ def sgd(
     maximize: bool,
 ) -> None:
     """Functional SGD; see :class:`SGD`. ``state_steps`` is only used when ``dampening != 0``."""
-    if dampening == 0 and _fused_cpu_ok(params, grads, momentum_buffers):
+    if dampening == 0 and _fused_cpu_ok(params, grads, momentum_buffers, lr=lr):
         # The zero-initialised buffer makes every step the general one (0 * momentum + grad).
         torch._fused_sgd_(params, grads, momentum_buffers, weight_decay=weight_decay, momentum=momentum, lr=lr,
                           dampening=0.0, nesterov=nesterov, maximize=maximize, is_first_step=False)  # fmt: skip
