@@ -265,13 +265,13 @@ def test_minibatch_linear_layers_compile_as_mm_plus_a_fusable_bias_add(monkeypat
     real = compiled_module._UnfusedBias.__call__
 
     def spy(self, graph):
-        count = lambda: len(graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default))  # noqa: E731
+        count = lambda: len(graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default))
         before = count()
         real(self, graph)
         seen.append((before, count()))
 
     monkeypatch.setattr(compiled_module._UnfusedBias, "__call__", spy)
-    mlp = lambda: nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))  # noqa: E731  64x20x64: not tiny
+    mlp = lambda: nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))  # 64x20x64: not tiny
     shape = {"batch_shape": (1, 64)}
     eager = make(EagerEngine, lambda p: Adam(p, lr=1e-2), model_factory=mlp, clip_grad_norm=0.5)
     compiled = make(CompiledEngine, lambda p: Adam(p, lr=1e-2), model_factory=mlp, clip_grad_norm=0.5, **shape)
