@@ -130,3 +130,60 @@ def test_host_clip_coefficient_rounds_as_tensor_maths(dtype):
         assert _clip_coef(max_norm, norm.item(), dtype) == expected
     assert _clip_coef(1e38, 0.0, torch.float32) == 1.0  # float32 overflow is inf, then clamped
     assert _clip_coef(1.0, 0.5, torch.float16) is None  # half precision: left to tensor maths
+
+
+class _RecordingSGD(SGD):
+    """Records the grad mode its step runs under; can fail on demand."""
+
+    seen: list[bool]
+    fail = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.seen.append(torch.is_grad_enabled())
+        if self.fail:
+            raise RuntimeError("step failed")
+        return super().step.__wrapped__.__wrapped__(self, closure)  # SGD's body, past both wrappers
+
+
+def test_no_grad_step_runs_past_its_decorator_with_grad_mode_off():
+    engine = _engine(lambda p: _RecordingSGD(p, lr=0.1))
+    engine.optimizer.seen = []
+    assert engine._no_grad_body is not None  # torch.no_grad()'s decorator recognised
+    engine.run_samples(torch.arange(5))
+    assert engine.optimizer.seen == [False] * 5 and torch.is_grad_enabled()
+    engine.optimizer.fail = True
+    with pytest.raises(RuntimeError, match="step failed"):
+        engine.run_samples(torch.arange(5, 6))
+    assert torch.is_grad_enabled()  # restored after the failure
+
+
+def test_other_step_decorators_are_kept():
+    import functools
+
+    calls = []
+
+    def counted(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            calls.append(1)
+            return fn(*a, **k)
+
+        return wrapper
+
+    class CountedSGD(SGD):
+        @counted
+        @torch.no_grad()
+        def step(self, closure=None):
+            return super().step.__wrapped__.__wrapped__(self, closure)
+
+    class InferenceSGD(SGD):
+        @torch.inference_mode()
+        def step(self, closure=None):
+            return super().step.__wrapped__.__wrapped__(self, closure)
+
+    engine = _engine(lambda p: CountedSGD(p, lr=0.1))
+    assert engine._no_grad_body is None
+    engine.run_samples(torch.arange(4))
+    assert len(calls) == 4
+    assert _engine(lambda p: InferenceSGD(p, lr=0.1))._no_grad_body is None

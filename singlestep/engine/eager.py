@@ -42,6 +42,7 @@ class EagerEngine(Engine):
         self._host_scalars = self.train.device.type == "cpu"
         self._host_sums = [0.0, 0.0, 0.0]
         self._bare_step = _unwrapped_step(self.optimizer)
+        self._no_grad_body = _under_no_grad(self._bare_step)
         self._param_tuple = tuple(self.params)
 
     def _flush(self) -> None:
@@ -158,6 +159,15 @@ class EagerEngine(Engine):
         # method it wraps; otherwise go through it.
         if self._bare_step is None or _step_hooks_or_profiler(opt):
             opt.step()
+        elif self._no_grad_body is not None:
+            # ``@torch.no_grad()`` builds, enters and leaves a context object per call (~2 us, 3-4%
+            # of a per-sample step); all it does is turn grad mode off around the call.
+            prev = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
+                self._no_grad_body(opt)
+            finally:
+                torch._C._set_grad_enabled(prev)
         else:
             self._bare_step(opt)
 
@@ -241,6 +251,25 @@ def _unwrapped_step(optimizer: torch.optim.Optimizer) -> Any:
     if not getattr(step, "hooked", False):
         return None
     return getattr(step, "__wrapped__", None)
+
+
+def _under_no_grad(fn: Any) -> Any:
+    """The function that ``@torch.no_grad()`` decorates in ``fn``, or None if ``fn`` is not that.
+
+    Recognised by the decorator's own code object and its context factory being the ``clone`` of
+    a ``torch.no_grad`` instance, so any other decorator (a user's own, ``enable_grad``,
+    ``inference_mode``) is left in place.
+    """
+    if fn is None or getattr(fn, "__code__", None) is not _NO_GRAD_CODE or not fn.__closure__:
+        return None
+    cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+    factory, body = cells.get("ctx_factory"), cells.get("func")
+    if type(getattr(factory, "__self__", None)) is not torch.no_grad or not callable(body):
+        return None
+    return body
+
+
+_NO_GRAD_CODE = getattr(torch.no_grad()(lambda: None), "__code__", None)
 
 
 def _step_hooks_or_profiler(optimizer: torch.optim.Optimizer) -> bool:
