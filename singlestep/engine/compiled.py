@@ -112,8 +112,8 @@ class _UnfusedBias:
     fuses with its neighbours (the GELU, the residual add) or runs as one vectorised pass. On a
     GPU Inductor unfuses like this by itself; on the CPU it fuses ``mm + bias`` back into
     ``addmm`` earlier in the same stage, so this runs after its patterns. Inductor runs it on scan
-    bodies too. bf16/fp16 outputs keep ``addmm`` (as Inductor keeps them): ``mm`` would round
-    the product to half precision before the bias is added.
+    bodies too. Only CPU graphs; bf16/fp16 outputs keep ``addmm`` (as Inductor keeps them):
+    ``mm`` would round the product to half precision before the bias is added.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -121,8 +121,9 @@ class _UnfusedBias:
         for node in list(graph.find_nodes(op="call_function", target=aten.addmm.default)):
             if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                 continue
-            if node.meta["val"].dtype in (torch.bfloat16, torch.float16):
-                continue
+            val = node.meta["val"]
+            if val.device.type != "cpu" or val.dtype in (torch.bfloat16, torch.float16):
+                continue  # a GPU's GEMM adds the bias in its epilogue; Inductor unfuses there itself
             bias, a, b = node.args[:3]
             with graph.inserting_before(node):
                 mm = graph.call_function(aten.mm.default, (a, b))
@@ -136,7 +137,7 @@ class _UnfusedBias:
         return repr(self)
 
     def __repr__(self) -> str:  # part of both cache keys via _inductor_configs: bump on any change
-        return "singlestep.UnfusedBias(v2)"
+        return "singlestep.UnfusedBias(v3)"
 
 
 _UNFUSED_BIAS = _UnfusedBias()
