@@ -352,7 +352,7 @@ class CompiledEngine(EagerEngine):
         # The traced step gives each parameter its own copy of its state and updates every tensor
         # in place: state shared between parameters (one step counter for all, say) would be
         # updated once per parameter instead of once per step.
-        state_keys = [sorted(opt.state.get(p, {})) for p in self.params]
+        state_keys = self._current_state_keys()
         named = [(what, t) for what, t in zip(self._flat_names(state_keys), self._flat(state_keys))
                  if t.numel() and not t.is_sparse]  # fmt: skip
         spans = []
@@ -377,6 +377,10 @@ class CompiledEngine(EagerEngine):
                     )
                 owner[key] = what
 
+    def _current_state_keys(self) -> list[list[str]]:
+        """Each trainable parameter's optimizer-state keys, sorted: the layout of ``_flat``."""
+        return [sorted(self.optimizer.state.get(p, {})) for p in self.params]
+
     def _flat_names(self, state_keys: list[list[str]]) -> list[str]:
         """What each tensor of ``_flat(state_keys)`` is, for messages."""
         names = [f"parameter {i}" for i in range(len(self.params))]
@@ -399,7 +403,7 @@ class CompiledEngine(EagerEngine):
         groups = opt.param_groups
         pos_of = {id(p): i for i, p in enumerate(params)}
         group_members = [[pos_of[id(p)] for p in g["params"]] for g in groups]
-        state_keys = [sorted(opt.state.get(p, {})) for p in params]
+        state_keys = self._current_state_keys()
         flat_names = self._flat_names(state_keys)
         n_params = len(params)
         clip_norm, clip_value, check_finite = self.clip_grad_norm, self.clip_grad_value, self.check_finite
@@ -512,7 +516,7 @@ class CompiledEngine(EagerEngine):
         """
         self._check_supported(shape)
         k, micro, rows = shape
-        state_keys = [sorted(self.optimizer.state.get(p, {})) for p in self.params]
+        state_keys = self._current_state_keys()
         self._state_keys = state_keys
         split = self.train
         data = split.tensors()

@@ -260,7 +260,7 @@ def _under_no_grad(fn: Any) -> Any:
     a ``torch.no_grad`` instance, so any other decorator (a user's own, ``enable_grad``,
     ``inference_mode``) is left in place.
     """
-    if fn is None or getattr(fn, "__code__", None) is not _NO_GRAD_CODE or not fn.__closure__:
+    if _NO_GRAD_CODE is None or getattr(fn, "__code__", None) is not _NO_GRAD_CODE or not fn.__closure__:
         return None
     cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
     factory, body = cells.get("ctx_factory"), cells.get("func")
