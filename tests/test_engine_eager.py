@@ -187,3 +187,21 @@ def test_other_step_decorators_are_kept():
     engine.run_samples(torch.arange(4))
     assert len(calls) == 4
     assert _engine(lambda p: InferenceSGD(p, lr=0.1))._no_grad_body is None
+
+
+def test_small_models_run_per_sample_steps_on_one_thread():
+    """A second OpenMP thread only spins between a small model's tiny kernels; torch's setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = _engine(lambda p: SGD(p, lr=0.1))
+        seen = []
+        engine.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.get_num_threads()))
+        engine.run_samples(torch.arange(5))
+        assert seen == [1] * 5 and engine.threads == 1
+        assert torch.get_num_threads() == 2
+        engine.threads = None  # a larger model keeps torch's setting
+        engine.run_samples(torch.arange(5, 8))
+        assert seen[5:] == [2] * 3
+    finally:
+        torch.set_num_threads(before)

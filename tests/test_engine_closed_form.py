@@ -1,0 +1,136 @@
+"""The linear model's closed-form per-sample grads: bit-identical to autograd, and only where nothing can tell."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from singlestep.data.base import TensorSplit
+from singlestep.engine import EagerEngine
+from singlestep.engine.closed_form import closed_form_for
+from singlestep.losses import loss_for
+from singlestep.models.linear import Linear
+from singlestep.optim import SGD, Adam
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _model(kind: str, bias: bool, dtype: torch.dtype, out: int = 7) -> nn.Module:
+    torch.manual_seed(0)
+    model = Linear(12, out, bias=bias) if kind == "ours" else nn.Linear(12, out, bias=bias)
+    return model.to(dtype)
+
+
+def _sample(kind: str, task: str, dtype: torch.dtype, seed: int, out: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, 3, 4) if kind == "ours" else (1, 12), generator=g).to(dtype)
+    y = (
+        torch.randint(0, out, (1,), generator=g)
+        if task == "classification"
+        else torch.randn(1, out, generator=g).to(dtype)
+    )
+    return x, y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("kind", ["ours", "nn"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_closed_form_is_bit_identical_to_autograd(kind, task, dtype, bias):
+    model = _model(kind, bias, dtype)
+    loss_fn = loss_for(task)
+    params = list(model.parameters())
+    closed = closed_form_for(model, loss_fn, params)
+    assert closed is not None
+    for seed in range(40):
+        with torch.no_grad():  # new parameters each time: a spread of logits and targets
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + seed)) * 2)
+        x, y = _sample(kind, task, dtype, seed)
+        loss = loss_fn(model(x), y)
+        expected = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            got_loss, got = closed(x, y)
+        torch.testing.assert_close(got_loss, loss.detach(), rtol=0, atol=0)
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _engine(model: nn.Module, task: str, opt, **kw) -> EagerEngine:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (300, 3, 4), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 7, (300,), generator=g) if task == "classification" else torch.randn(300, 7, generator=g)
+    return EagerEngine(model=model, loss_fn=loss_for(task), optimizer=opt(model.parameters()), scheduler=None,
+                       train=TensorSplit(x, y, mean=0.5, std=0.3), **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("opt", [lambda p: SGD(p, lr=0.05, momentum=0.9), lambda p: Adam(p, lr=1e-2)])
+def test_engine_with_and_without_closed_form_give_the_same_run(task, opt):
+    fast = _engine(_model("ours", True, torch.float32), task, opt, clip_grad_norm=0.5)
+    slow = _engine(_model("ours", True, torch.float32), task, opt, clip_grad_norm=0.5)
+    assert fast._closed is not None
+    slow._closed = None
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(2))
+    for part in order.split(128):
+        fast.run_samples(part)
+        slow.run_samples(part)
+    for a, b in zip(slow.model.parameters(), fast.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert fast.read() == slow.read()
+    assert torch.is_grad_enabled()
+
+
+def test_only_the_plain_model_and_task_loss_have_a_closed_form():
+    model = _model("ours", True, torch.float32)
+    params = list(model.parameters())
+    assert closed_form_for(model, loss_for("classification"), params) is not None
+    assert closed_form_for(model, lambda out, y: F.cross_entropy(out, y), params) is None  # a loss it does not know
+    assert closed_form_for(model, loss_for("classification"), params[:1]) is None  # frozen bias
+
+    class Scaled(Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert closed_form_for(Scaled(12, 7), loss_for("classification"), list(Scaled(12, 7).parameters())) is None
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(12, 7))
+    assert closed_form_for(seq, loss_for("classification"), list(seq.parameters())) is None
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "global_forward", "tensor"])
+def test_hooks_are_honoured_by_falling_back_to_autograd(hook):
+    engine = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
+    reference = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
+    reference._closed = None
+    calls = []
+    if hook == "forward":
+        handle = engine.model.fc.register_forward_hook(lambda m, i, o: calls.append(1))
+    elif hook == "forward_pre":
+        handle = engine.model.register_forward_pre_hook(lambda m, i: calls.append(1))
+    elif hook == "global_forward":
+        handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(1))
+    else:
+        handle = engine.model.fc.weight.register_hook(lambda g: calls.append(1))
+    try:
+        assert not engine._closed.ready(*engine.train.get(torch.arange(4)))
+        engine.run_samples(torch.arange(20))
+    finally:
+        handle.remove()
+    assert len(calls) >= 20
+    reference.run_samples(torch.arange(20))
+    for a, b in zip(reference.model.parameters(), engine.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert engine._closed.ready(*engine.train.get(torch.arange(4)))  # hooks gone: the closed form again
+
+
+def test_replaced_parameter_and_probability_targets_fall_back():
+    engine = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
+    xs, ys = engine.train.get(torch.arange(4))
+    assert engine._closed.ready(xs, ys)
+    assert not engine._closed.ready(xs, torch.full((4, 7), 1 / 7))  # soft labels: another formula
+    engine.model.fc.bias = nn.Parameter(torch.zeros(7))
+    assert not engine._closed.ready(xs, ys)
