@@ -441,6 +441,15 @@ def test_auto_compiles_only_when_the_steps_left_repay_it(tmp_path, monkeypatch):
     assert short.choice == "eager" and short.label == "auto (eager)" and not short._fns.get((32, 1, 1))
     assert not list(tmp_path.glob("compiled/chunk-*.pt2"))
     assert any(line.startswith("engine auto: eager") and "would not pay off" in line for line in lines)
+    # 40,000 steps (~7 s to gain) would repay a cached package but not a cold compile (>= ~8.5 s),
+    # so with no package for this recipe it stays eager without tracing the step.
+    lines.clear()
+    mid = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=40_000, log=lines.append)
+    with monkeypatch.context() as m:
+        m.setattr(CompiledEngine, "_trace_step", lambda *a, **k: pytest.fail("traced the step"))
+        mid.run_samples(torch.arange(1000))
+    assert mid.choice == "eager" and mid.fallback_reason is None
+    assert any("no cached package" in line and "would not pay off" in line for line in lines)
     # 2,000,000 steps (~400 s eager) repay a compile of ~12 s.
     lines.clear()
     long = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=2_000_000, log=lines.append)
@@ -448,3 +457,9 @@ def test_auto_compiles_only_when_the_steps_left_repay_it(tmp_path, monkeypatch):
     assert long.choice == "compiled" and long.label == "auto (compiled)" and long.fallback_reason is None
     assert any(line.startswith("engine auto: compiled, using compiling") for line in lines)
     assert len(list(tmp_path.glob("compiled/chunk-*.pt2"))) == 1
+    # Now the recipe is known: the same 40,000 steps load the package.
+    lines.clear()
+    again = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=40_000, log=lines.append)
+    again.run_samples(torch.arange(1000))
+    assert again.choice == "compiled" and again.cache_hit
+    assert any(line.startswith("engine auto: compiled, using a cached package") for line in lines)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from singlestep.engine.base import advance_schedule
-from singlestep.engine.eager import EagerEngine
+from singlestep.engine.eager import ONE_THREAD_PARAMS, EagerEngine
 
 __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 
@@ -51,8 +51,6 @@ _MINIBATCH_SPEEDUP = 1.15
 _COMPILE_BASE_S = 8.5
 _COMPILE_PER_NODE_S = 0.02
 _CACHED_LOAD_S = 0.2
-# Below this many parameters, per-sample chunks run on one thread (see CompiledEngine).
-_ONE_THREAD_PARAMS = 50_000
 
 
 class _StayEager(Exception):
@@ -218,7 +216,7 @@ class CompiledEngine(EagerEngine):
         chunk_size: per-sample steps per compiled call (K).
         batch_shape: ``(grad_accum_steps, batch_size)`` of a full mini-batch step, or None.
         threads: intra-op threads for per-sample chunks; None picks 1 for models under
-            ``_ONE_THREAD_PARAMS`` parameters (tiny tensors: one thread saves OpenMP's fork/join
+            ``ONE_THREAD_PARAMS`` parameters (tiny tensors: one thread saves OpenMP's fork/join
             per kernel; measured 16 vs 22 us/step for 784->10 softmax regression) and torch's
             setting otherwise (an MLP of 235k parameters runs 1.6x faster on two). Mini-batch
             steps keep torch's setting.
@@ -239,7 +237,7 @@ class CompiledEngine(EagerEngine):
         self.chunk_size = chunk_size
         self.max_chunk = chunk_size * max(1, 4096 // chunk_size)
         self.batch_shape = batch_shape
-        small = sum(p.numel() for p in self.params) < _ONE_THREAD_PARAMS
+        small = sum(p.numel() for p in self.params) < ONE_THREAD_PARAMS
         self.threads = threads if threads is not None else (1 if small else None)
         self.cache_hit = False
         self.fallback_reason: str | None = None
@@ -532,6 +530,9 @@ class CompiledEngine(EagerEngine):
             if self.auto:
                 self._decide(shape, None, True)
         else:
+            if self.auto and self._gain(shape) <= _COMPILE_BASE_S:
+                # Not worth tracing the step (~1-2 s with the compiler's imports) to learn that.
+                self._decide(shape, None, False)
             path = self._compile_or_find(shape, example)
             _write_atomic(recipe, path.name)
 
@@ -700,9 +701,14 @@ class CompiledEngine(EagerEngine):
         compile costs ~8.5 s plus ~20 ms per graph node, a cached package ~0.2 s (a trace, or a
         recipe and a load).
         """
-        nodes = len(graph.graph.nodes) if graph is not None else 0  # None: a known recipe (cached)
+        nodes = len(graph.graph.nodes) if graph is not None else 0  # None: not traced
         cost = _CACHED_LOAD_S if cached else _COMPILE_BASE_S + _COMPILE_PER_NODE_S * nodes
-        how = "a cached package" if cached else f"compiling (~{cost:.0f}s, {nodes} graph nodes)"
+        if cached:
+            how = "a cached package"
+        elif graph is None:
+            how = f"compiling (no cached package; at least ~{cost:.0f}s)"
+        else:
+            how = f"compiling (~{cost:.0f}s, {nodes} graph nodes)"
         gain = self._gain(shape)
         if gain <= cost:
             self._decline(shape, how, gain)
