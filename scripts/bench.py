@@ -17,7 +17,8 @@ Sections:
   persample  per-sample softmax regression on Fashion-MNIST (synthetic data of the same shape if
              the files are absent) with SGD, Adam and Adagrad: the idiomatic loop
              (DataLoader(batch_size=1, shuffle=True), nn.Linear, cross_entropy, clip_grad_norm_,
-             torch.optim) against the eager and compiled engines: steady-state us/step, compile
+             torch.optim) against the eager and compiled engines (eager also without the linear
+             model's closed-form grads, "eager, autograd"): steady-state us/step, compile
              seconds, one-epoch wall time (measured for SGD, extrapolated from steady state for
              the others), peak RSS.
   lm         tiny LM (4 layers, 4 heads, width 128, block 64): mini-batch (batch 12) tokens/s and
@@ -138,8 +139,12 @@ def child_persample(impl: str, opt: str, steps: int, epoch: bool) -> dict:
 
         model = Linear(784, 10)
         optimizer = OPTIMIZERS.get(opt)(model.parameters(), lr=LRS[opt])
+        autograd = impl == "eager_autograd"
+        impl = "eager" if autograd else impl
         engine = build_engine(impl, model=model, loss_fn=loss_for("classification"), optimizer=optimizer,
                               scheduler=None, train=split, clip_grad_norm=CLIP, chunk_size=64)  # fmt: skip
+        if autograd:  # the eager engine as it runs any other model: grads through autograd
+            engine._closed = None
         order = torch.randperm(n)
         pos = 0
 
@@ -159,6 +164,8 @@ def child_persample(impl: str, opt: str, steps: int, epoch: bool) -> dict:
         if epoch:
             fresh = build_engine(impl, model=model, loss_fn=loss_for("classification"), optimizer=optimizer,
                                  scheduler=None, train=split, clip_grad_norm=CLIP, chunk_size=64)  # fmt: skip
+            if autograd:
+                fresh._closed = None
             start = time.perf_counter()
             for s in range(0, n, 4096):
                 fresh.run_samples(order[s : s + 4096])
@@ -353,12 +360,14 @@ def main() -> int:
         print("per-sample softmax regression (784 -> 10), clip_grad_norm 1.0")
         for opt in ("sgd", "adam", "adagrad"):
             extra = [(f"reference+{ours}", "reference", "auto")] if opt == "sgd" and ours != "system" else []
-            for label, impl, allocator in variants + extra:
+            # the eager engine without the linear model's closed-form grads, as it runs other models
+            autograd = [("eager, autograd", "eager_autograd", "auto")]
+            for label, impl, allocator in variants[:2] + autograd + variants[2:] + extra:
                 spec = {"section": "persample", "case": f"per-sample {opt}", "impl": impl, "opt": opt,
                         "steps": 1000 if args.quick else 3000, "epoch": opt == "sgd" and not args.quick}  # fmt: skip
                 r = {**spawn(spec, allocator), "impl": label}
                 results.append(r)
-                print(f"  {opt:8s} {label:10s} {_fmt_persample(r)}", flush=True)
+                print(f"  {opt:8s} {label:16s} {_fmt_persample(r)}", flush=True)
     if "lm" in sections:
         print("tiny LM (4 layers, 4 heads, width 128, block 64), AdamW, clip 1.0")
         for batch, steps in ((12, 10 if args.quick else 30), (1, 64 if args.quick else 256)):

@@ -45,7 +45,7 @@ __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 # Estimates behind ``auto`` (measured on the 2-core CPU; see docs/performance.md): compiled
 # speed-up over eager steps for per-sample chunks of small (one-thread) and larger models, and
 # for mini-batch steps; compile seconds.
-_PER_SAMPLE_SPEEDUP = 10.0  # softmax regression: SGD 96 / 6.2 us, Adam 114 / 12.9, Adagrad 105 / 10.3
+_PER_SAMPLE_SPEEDUP = 10.0  # softmax regression, closed-form eager: SGD 78 / 7.7 us, Adam 103 / 15.0, Adagrad 97 / 12.5
 _PER_SAMPLE_SPEEDUP_LARGE = 2.5
 _MINIBATCH_SPEEDUP = 1.15
 _COMPILE_BASE_S = 8.5

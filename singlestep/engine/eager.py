@@ -25,9 +25,11 @@ _run_backward = getattr(getattr(torch.autograd.Variable, "_execution_engine", No
 
 class EagerEngine(Engine):
     """Steps executed op by op. Grads come from the autograd engine directly (no ``zero_grad``
-    pass, no per-call argument checks), norms and clipping use the ``_foreach`` kernels, and
-    the optimizer's ``step`` is called past its hook wrapper when no hook or profiler needs it.
-    On an accelerator statistics stay on the device; on the CPU scalars are read per step.
+    pass, no per-call argument checks), or for the linear model from its backward's own kernels
+    without a graph (``closed_form``); norms and clipping use the ``_foreach`` kernels, and the
+    optimizer's ``step`` is called past its hook wrapper when no hook or profiler needs it. On an
+    accelerator statistics stay on the device; on the CPU scalars are read per step. Per-sample
+    steps of small models run on one intra-op thread.
     """
 
     name = "eager"
