@@ -132,5 +132,10 @@ def test_replaced_parameter_and_probability_targets_fall_back():
     xs, ys = engine.train.get(torch.arange(4))
     assert engine._closed.ready(xs, ys)
     assert not engine._closed.ready(xs, torch.full((4, 7), 1 / 7))  # soft labels: another formula
+    assert not engine._closed.ready(xs[:0], ys[:0])  # an empty chunk: nothing to check
+    engine.model.double()  # converted in place after the engine was built
+    assert not engine._closed.ready(xs.double(), ys)
+    engine.model.float()
+    assert engine._closed.ready(xs, ys)
     engine.model.fc.bias = nn.Parameter(torch.zeros(7))
     assert not engine._closed.ready(xs, ys)

@@ -51,9 +51,11 @@ class _LinearClosedForm:
 
     def ready(self, xs: Tensor, ys: Tensor) -> bool:
         """Whether this chunk may skip autograd: nothing observes the graph, shapes are the plain ones."""
-        fc, model = self.fc, self.model
-        if fc.weight is not self.weight or fc.bias is not self.bias or not torch.is_grad_enabled():
-            return False  # a parameter was replaced since the engine was built
+        fc, model, w = self.fc, self.model, self.weight
+        if fc.weight is not w or fc.bias is not self.bias or not torch.is_grad_enabled() or not ys.numel():
+            return False  # a parameter was replaced since the engine was built (or nothing to do)
+        if w.dtype != self.one.dtype or w.device != self.one.device:
+            return False  # the model was converted or moved after the engine was built
         if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in (model, fc)):  # fmt: skip
             return False
