@@ -75,14 +75,28 @@ def test_engine_with_and_without_closed_form_give_the_same_run(task, opt):
     slow = _engine(_model("ours", True, torch.float32), task, opt, clip_grad_norm=0.5)
     assert fast._closed is not None
     slow._closed = None
+    grad_mode_in_step = []
+    fast.optimizer.register_step_pre_hook(lambda o, a, k: grad_mode_in_step.append(torch.is_grad_enabled()))
+    closed_calls = _count_calls(fast)
     order = torch.randperm(300, generator=torch.Generator().manual_seed(2))
     for part in order.split(128):
         fast.run_samples(part)
         slow.run_samples(part)
+    assert len(closed_calls) == 300  # every step took the closed form
+    assert grad_mode_in_step == [True] * 300  # the step runs in the caller's grad mode, as through autograd
     for a, b in zip(slow.model.parameters(), fast.model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert fast.read() == slow.read()
     assert torch.is_grad_enabled()
+
+
+def _count_calls(engine: EagerEngine) -> list[int]:
+    """Record each closed-form step of ``engine`` (the instance's call, wrapped)."""
+    calls: list[int] = []
+    closed = engine._closed
+    inner = closed._loss_and_grads
+    closed._loss_and_grads = lambda x, y: (calls.append(1), inner(x, y))[1]
+    return calls
 
 
 def test_only_the_plain_model_and_task_loss_have_a_closed_form():
@@ -101,26 +115,43 @@ def test_only_the_plain_model_and_task_loss_have_a_closed_form():
     assert closed_form_for(seq, loss_for("classification"), list(seq.parameters())) is None
 
 
-@pytest.mark.parametrize("hook", ["forward", "forward_pre", "global_forward", "tensor"])
+HOOKS = ["forward", "forward_pre", "global_forward", "backward", "backward_pre", "global_backward", "tensor",
+         "saved_tensors"]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("hook", HOOKS)
 def test_hooks_are_honoured_by_falling_back_to_autograd(hook):
     engine = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
     reference = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
     reference._closed = None
     calls = []
+    closed_calls = _count_calls(engine)
+    fc = engine.model.fc
     if hook == "forward":
-        handle = engine.model.fc.register_forward_hook(lambda m, i, o: calls.append(1))
+        handle = fc.register_forward_hook(lambda m, i, o: calls.append(1))
     elif hook == "forward_pre":
         handle = engine.model.register_forward_pre_hook(lambda m, i: calls.append(1))
     elif hook == "global_forward":
         handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(1))
+    elif hook == "backward":
+        handle = fc.register_full_backward_hook(lambda m, gi, go: calls.append(1))
+    elif hook == "backward_pre":
+        handle = fc.register_full_backward_pre_hook(lambda m, go: calls.append(1))
+    elif hook == "global_backward":
+        handle = nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: calls.append(1))
+    elif hook == "tensor":
+        handle = fc.weight.register_hook(lambda g: calls.append(1))
     else:
-        handle = engine.model.fc.weight.register_hook(lambda g: calls.append(1))
+        ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: (calls.append(1), t)[1], lambda t: t)
+        ctx.__enter__()
+        handle = type("H", (), {"remove": lambda self: ctx.__exit__(None, None, None)})()
     try:
         assert not engine._closed.ready(*engine.train.get(torch.arange(4)))
         engine.run_samples(torch.arange(20))
     finally:
         handle.remove()
-    assert len(calls) >= 20
+    assert len(calls) >= 20 and not closed_calls
     reference.run_samples(torch.arange(20))
     for a, b in zip(reference.model.parameters(), engine.model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
@@ -139,3 +170,28 @@ def test_replaced_parameter_and_probability_targets_fall_back():
     assert engine._closed.ready(xs, ys)
     engine.model.fc.bias = nn.Parameter(torch.zeros(7))
     assert not engine._closed.ready(xs, ys)
+
+
+def test_anything_that_changes_or_watches_the_step_falls_back():
+    engine = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
+    xs, ys = engine.train.get(torch.arange(4))
+    closed = engine._closed
+    assert closed.ready(xs, ys)
+    with torch.autograd.set_detect_anomaly(True):
+        assert not closed.ready(xs, ys)  # autograd's checks would raise where the closed form would not
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):  # a dispatch mode: it must see autograd's ops
+        assert not closed.ready(xs, ys)
+    with torch.no_grad():
+        assert not closed.ready(xs, ys)  # autograd's own error, not a silent closed form
+    engine.model.fc.weight.requires_grad_(False)  # frozen after the engine was built
+    assert not closed.ready(xs, ys)
+    engine.model.fc.weight.requires_grad_(True)
+    original = engine.model.forward
+    engine.model.forward = lambda x: 0.5 * original(x)  # a patched forward computes something else
+    assert not closed.ready(xs, ys)
+    del engine.model.forward
+    assert closed.ready(xs, ys)
+    engine.model.fc = nn.Linear(12, 7)  # a replaced layer: the engine's parameters are stale
+    assert not closed.ready(xs, ys)

@@ -8,9 +8,11 @@ engine can run them itself: the same kernels autograd's formulas call (``nll_los
 the gradients are bit-identical to ``torch.autograd.grad`` (tests check this per dtype).
 
 It is used only where nothing could tell the difference: the model is exactly
-:class:`singlestep.models.linear.Linear` or ``nn.Linear``, the loss is the task's own, every
-parameter is trainable, and no module, global or tensor hook is registered (checked per chunk).
-Any other model or loss runs through autograd as before.
+:class:`singlestep.models.linear.Linear` or ``nn.Linear`` running its class's own ``forward``,
+the loss is the task's own, every parameter is trainable, no module, global or tensor hook is
+registered, and nothing watches autograd or the ops (anomaly mode, saved-tensor hooks, torch
+function or dispatch modes, transforms): checked per chunk. Any other model or loss, or any
+chunk where one of these holds, runs through autograd as before.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.nn.modules import module as _module
 
 from singlestep.losses import _regression_loss
 from singlestep.models.linear import Linear
+from singlestep.optim._foreach import _host_scalars_ok
 
 __all__ = ["ClosedForm", "closed_form_for"]
 
@@ -52,10 +55,14 @@ class _LinearClosedForm:
     def ready(self, xs: Tensor, ys: Tensor) -> bool:
         """Whether this chunk may skip autograd: nothing observes the graph, shapes are the plain ones."""
         fc, model, w = self.fc, self.model, self.weight
-        if fc.weight is not w or fc.bias is not self.bias or not torch.is_grad_enabled() or not ys.numel():
-            return False  # a parameter was replaced since the engine was built (or nothing to do)
-        if w.dtype != self.one.dtype or w.device != self.one.device:
-            return False  # the model was converted or moved after the engine was built
+        if fc.weight is not w or fc.bias is not self.bias or (self.flatten and model.fc is not fc):
+            return False  # a parameter or the layer was replaced since the engine was built
+        if w.dtype != self.one.dtype or w.device != self.one.device or not ys.numel():
+            return False  # the model was converted or moved after the engine was built (or no steps)
+        if not torch.is_grad_enabled():
+            return False  # autograd's error, not a silent closed form
+        if not _plain_forward(model) or (self.flatten and not _plain_forward(fc)):
+            return False  # a forward patched on the instance or the class computes something else
         if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in (model, fc)):  # fmt: skip
             return False
@@ -63,6 +70,8 @@ class _LinearClosedForm:
                 or _module._global_backward_pre_hooks):  # fmt: skip
             return False
         if any(p._backward_hooks or not p.requires_grad or not p.is_contiguous() for p in self.params):
+            return False
+        if not _autograd_unobserved():
             return False
         if not self.flatten and xs.dim() != 2:
             return False
@@ -72,6 +81,14 @@ class _LinearClosedForm:
         return ys.is_floating_point()
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # no graph to record: this is the backward
+        try:
+            return self._loss_and_grads(x, y)
+        finally:
+            torch._C._set_grad_enabled(prev)
+
+    def _loss_and_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
         if self.flatten:
             x = x.flatten(1)
         out = F.linear(x, self.weight, self.bias)  # [1, out]: addmm, as the forward under autograd
@@ -93,17 +110,46 @@ class _LinearClosedForm:
         return loss, [gw, d.view(-1)]
 
 
+_FORWARDS = {Linear: Linear.forward, nn.Linear: nn.Linear.forward}
+
+
+def _plain_forward(m: nn.Module) -> bool:
+    """``m`` runs its class's own ``forward``, as defined when this module was imported."""
+    return "forward" not in vars(m) and _FORWARDS.get(type(m)) is type(m).forward
+
+
+def _autograd_unobserved() -> bool:
+    """Nothing that watches autograd or the ops is active: anomaly mode, saved-tensor hooks,
+    torch-function or dispatch modes (a FLOP counter, fake tensors), functorch transforms, tracing.
+    """
+    return (
+        not torch.is_anomaly_enabled()
+        and _saved_tensor_hooks is not None
+        and _saved_tensor_hooks(False) is None
+        and _torch_function_mode is not None
+        and not _torch_function_mode()
+        and _host_scalars_ok(())
+    )
+
+
+# Private torch checks behind _autograd_unobserved (None where this torch lacks them: no closed form).
+_saved_tensor_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+_torch_function_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+
+
 def closed_form_for(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], params: list[Tensor]
 ) -> _LinearClosedForm | None:
     """The closed form for this model and loss, or None when the step needs autograd."""
     if type(model) is Linear:
         fc = model.fc
+        if not _plain_forward(model):
+            return None
     elif type(model) is nn.Linear:
         fc = model
     else:
         return None
-    if type(fc) is not nn.Linear:
+    if type(fc) is not nn.Linear or not _plain_forward(fc):
         return None
     if loss_fn is F.cross_entropy:
         classification = True

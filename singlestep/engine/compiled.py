@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from singlestep.engine.base import advance_schedule
-from singlestep.engine.eager import ONE_THREAD_PARAMS, EagerEngine
+from singlestep.engine.eager import EagerEngine
 
 __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 
@@ -45,7 +45,7 @@ __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 # Estimates behind ``auto`` (measured on the 2-core CPU; see docs/performance.md): compiled
 # speed-up over eager steps for per-sample chunks of small (one-thread) and larger models, and
 # for mini-batch steps; compile seconds.
-_PER_SAMPLE_SPEEDUP = 10.0  # softmax regression, closed-form eager: SGD 78 / 7.7 us, Adam 103 / 15.0, Adagrad 97 / 12.5
+_PER_SAMPLE_SPEEDUP = 8.0  # softmax regression, closed-form eager: SGD 78 / 7.7 us, Adam 103 / 15.0, Adagrad 97 / 12.5
 _PER_SAMPLE_SPEEDUP_LARGE = 2.5
 _MINIBATCH_SPEEDUP = 1.15
 _COMPILE_BASE_S = 8.5
@@ -216,7 +216,7 @@ class CompiledEngine(EagerEngine):
         chunk_size: per-sample steps per compiled call (K).
         batch_shape: ``(grad_accum_steps, batch_size)`` of a full mini-batch step, or None.
         threads: intra-op threads for per-sample chunks; None picks 1 for models under
-            ``ONE_THREAD_PARAMS`` parameters (tiny tensors: one thread saves OpenMP's fork/join
+            ``eager.ONE_THREAD_PARAMS`` parameters on the CPU (tiny tensors: one thread saves OpenMP's fork/join
             per kernel; measured 16 vs 22 us/step for 784->10 softmax regression) and torch's
             setting otherwise (an MLP of 235k parameters runs 1.6x faster on two). Mini-batch
             steps keep torch's setting.
@@ -237,8 +237,8 @@ class CompiledEngine(EagerEngine):
         self.chunk_size = chunk_size
         self.max_chunk = chunk_size * max(1, 4096 // chunk_size)
         self.batch_shape = batch_shape
-        small = sum(p.numel() for p in self.params) < ONE_THREAD_PARAMS
-        self.threads = threads if threads is not None else (1 if small else None)
+        if threads is not None:  # otherwise the eager engine's rule: 1 for small models on the CPU
+            self.threads = threads
         self.cache_hit = False
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
@@ -696,7 +696,7 @@ class CompiledEngine(EagerEngine):
 
         The eager cost is measured (the shape's second, warmed-up chunk ran eagerly); the compiled
         speed-up and the compile time are estimates from measurements on a 2-core CPU
-        (docs/performance.md): per-sample chunks run ~10x faster than eager steps for small
+        (docs/performance.md): per-sample chunks run ~8x faster than eager steps for small
         models (one thread), ~2.5x for larger ones (the tiny LM), mini-batch steps ~1.15x; a cold
         compile costs ~8.5 s plus ~20 ms per graph node, a cached package ~0.2 s (a trace, or a
         recipe and a load).

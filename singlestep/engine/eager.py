@@ -195,9 +195,7 @@ class EagerEngine(Engine):
         if rows is not None:  # the lrs after the chunk, restored at its end
             final = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
         closed = self._closed if self._closed is not None and self._closed.ready(xs, ys) else None
-        prev, threads = torch.is_grad_enabled(), torch.get_num_threads()
-        if closed is not None:
-            torch._C._set_grad_enabled(False)  # no graph to record: the closed form is the backward
+        threads = torch.get_num_threads()
         if self.threads and threads != self.threads:
             torch.set_num_threads(self.threads)
         try:
@@ -211,7 +209,6 @@ class EagerEngine(Engine):
                     loss = loss_fn(model(x), y)
                     self._apply(self._grads(loss), loss.detach())
         finally:
-            torch._C._set_grad_enabled(prev)
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         if rows is not None:
