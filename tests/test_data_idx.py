@@ -237,10 +237,21 @@ def test_big_gzipped_file_keeps_an_inflated_copy(tmp_path, monkeypatch):
     first = read_idx(path, IMAGE_MAGIC)
     copies = list((tmp_path / "xdg" / "singlestep" / "inflated").iterdir())
     assert len(copies) == 1 and copies[0].read_bytes() == idx_bytes(IMAGE_MAGIC, images)
-    np.testing.assert_array_equal(read_idx(path, IMAGE_MAGIC), first)
+    again = read_idx(path, IMAGE_MAGIC)
+    np.testing.assert_array_equal(again, first)
+    assert again.flags.writeable  # read into a buffer of our own: the dataset need not copy it
     changed = images.copy()
     changed[0, 0, 0] ^= 1
     write(path.with_suffix(""), idx_bytes(IMAGE_MAGIC, changed), gz=True)
     os.utime(path, ns=(1, 1))  # a different mtime even within the clock's resolution
     np.testing.assert_array_equal(read_idx(path, IMAGE_MAGIC), changed)
     assert len(list((tmp_path / "xdg" / "singlestep" / "inflated").iterdir())) == 2
+
+
+def test_raw_file_is_read_without_a_copy_into_the_dataset(tmp_path):
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    path = write(tmp_path / "train-images-idx3-ubyte", idx_bytes(IMAGE_MAGIC, images), gz=False)
+    arr = read_idx(path, IMAGE_MAGIC)
+    assert arr.flags.writeable and arr.flags.c_contiguous
+    np.testing.assert_array_equal(arr, images)
+    assert np.require(arr, requirements=["C_CONTIGUOUS", "WRITEABLE"]) is arr  # what images.split() asks for

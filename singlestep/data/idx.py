@@ -61,15 +61,15 @@ def _missing(folder: Path) -> list[str]:
     return [f"{base}[.gz]" for pair in _FILES.values() for base in pair if _file(folder, base) is None]
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path) -> bytes | bytearray:
     copy = _inflated_copy(path)
     if copy is not None and copy.is_file():
         try:
-            return copy.read_bytes()
+            return _read_writable(copy)
         except OSError:
             pass
     try:
-        data = path.read_bytes()
+        data = _read_writable(path)
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data[:2] == _GZIP_MAGIC:
@@ -80,6 +80,18 @@ def _read(path: Path) -> bytes:
         if copy is not None:
             _write_copy(copy, data)
     return data
+
+
+def _read_writable(path: Path) -> bytearray:
+    """The file's bytes in a buffer of our own: arrays over it are writable, so the dataset can
+    use them without the copy a read-only ``bytes`` would need (~0.14 s for Fashion-MNIST)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        if f.readinto(buf) != size or f.read(1):  # it changed while being read: take what is there now
+            f.seek(0)
+            return bytearray(f.read())
+    return buf
 
 
 # Gzipped files at least this big keep an inflated copy in the cache: inflating Fashion-MNIST's
@@ -111,7 +123,7 @@ def _write_copy(copy: Path, data: bytes) -> None:
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
-    """Read one IDX file of unsigned bytes into a read-only uint8 array shaped by its header.
+    """Read one IDX file of unsigned bytes into a uint8 array shaped by its header.
 
     Args:
         path: the file, raw or gzipped.

@@ -51,7 +51,7 @@ def image_bundle(
         mean, std = 0.0, 1.0  # still scaled to [0, 1]
 
     def split(x: np.ndarray, y: np.ndarray) -> TensorSplit:
-        # Parsers may hand out read-only views of the file bytes; those are copied once here.
+        # Parsers may hand out read-only views of the file bytes (a first inflation); those are copied once here.
         x = np.require(x, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
         inputs = torch.from_numpy(x).to(device)
         targets = torch.from_numpy(y.astype(np.int64)).to(device)
