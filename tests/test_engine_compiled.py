@@ -422,15 +422,41 @@ def test_foreach_decompositions_match_foreach_ops(name, make, kwargs):
         torch.testing.assert_close(y, x, rtol=0, atol=0)
 
 
+def test_auto_times_several_eager_chunks_and_keeps_the_fastest(tmp_path, monkeypatch):
+    """The chunks after the warm-up still run slower than the steady state: the fastest of four counts."""
+    import types
+
+    import singlestep.engine.compiled as compiled_module
+
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+    clock = [0.0]
+    monkeypatch.setattr(compiled_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    seconds = iter([0.9, 0.3, 0.5, 0.4])  # scripted durations of the timed chunks
+    calls: list[int] = []
+
+    def fake_eager(self, idx):  # the warm-up chunk takes no time, each timed one its scripted time
+        if calls:
+            clock[0] += next(seconds)
+        calls.append(len(idx))
+
+    monkeypatch.setattr(compiled_module.EagerEngine, "run_samples", fake_eager)
+    engine = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=160)
+    engine.run_samples(torch.arange(32 * 5))
+    assert calls == [32] * 5  # a warm-up chunk, then four timed ones
+    assert engine._eager_step_seconds[(32, 1, 1)] == pytest.approx(0.3 / 32)
+    assert engine.choice == "eager"  # 160 steps repay nothing
+
+
 def test_auto_compiles_only_when_the_steps_left_repay_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
     timed: list[int] = []
 
-    def fixed_timing(self, shape, steps, run):  # a machine-independent eager cost: 200 us/step
+    def fixed_timing(self, shape, steps, runs):  # a machine-independent eager cost: 200 us/step
         timed.append(self.steps_done)
-        run()
+        for run in runs:
+            run()
+            self.steps_done += steps
         self._eager_step_seconds[shape] = 200e-6
-        self.steps_done += steps
 
     monkeypatch.setattr(CompiledEngine, "_timed_eager", fixed_timing)
     lines: list[str] = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import platform
 import sys
@@ -207,9 +208,9 @@ class CompiledEngine(EagerEngine):
 
     Per-sample mode compiles chunks of ``chunk_size`` steps of one sample each; mini-batch mode
     compiles single steps of the full batch shape (``batch_shape``: micro-batches x samples).
-    The first two chunks or batches of a shape run eagerly (the first warms up and creates the
-    optimizer's lazy state, which the trace needs; the second is timed, for ``auto``); short
-    chunks and short last batches always run eagerly. If tracing
+    The first chunks or batches of a shape run eagerly: the first warms up and creates the
+    optimizer's lazy state, which the trace needs; then up to four chunks (one batch) are timed,
+    for ``auto``. Short chunks and short last batches always run eagerly. If tracing
     or compiling fails, the engine warns once, saying why, and continues eagerly.
 
     Args:
@@ -253,16 +254,18 @@ class CompiledEngine(EagerEngine):
         fn = self._compiled(shape) if n >= k else None
         if fn is None and n >= k and shape not in self._fns and self.fallback_reason is None:
             # A shape's first chunk runs eagerly (it warms up, and creates the optimizer's lazy
-            # state that the trace needs); its second is timed, for auto; then it compiles.
+            # state that the trace needs); the next ones are timed, for auto; then it compiles.
             if shape not in self._warm:
                 self._warm.add(shape)
                 EagerEngine.run_samples(self, idx[:k])
                 self.steps_done += k
                 pos = k
             if n - pos >= k:
-                timed = idx[pos : pos + k]
-                self._timed_eager(shape, k, lambda: EagerEngine.run_samples(self, timed))
-                pos += k
+                # Up to four chunks are timed and the fastest counts: the first chunks after the
+                # warm-up still run 10-40% slower than the steady state, enough to tip auto.
+                parts = [idx[s : s + k] for s in range(pos, pos + min(4, (n - pos) // k) * k, k)]
+                self._timed_eager(shape, k, [functools.partial(EagerEngine.run_samples, self, part) for part in parts])
+                pos += len(parts) * k
                 fn = self._compiled(shape)
         if fn is not None and n - pos >= k:
             threads = torch.get_num_threads()
@@ -286,7 +289,7 @@ class CompiledEngine(EagerEngine):
         if fn is None:
             # As per-sample chunks: the first full batch warms up, the second is timed.
             if full and shape in self._warm and shape not in self._eager_step_seconds and self.fallback_reason is None:
-                self._timed_eager(shape, 1, lambda: EagerEngine.run_batch(self, micro_batches))
+                self._timed_eager(shape, 1, [lambda: EagerEngine.run_batch(self, micro_batches)])
             else:
                 if full:
                     self._warm.add(shape)
@@ -295,15 +298,19 @@ class CompiledEngine(EagerEngine):
             return
         self._run(fn, torch.stack(micro_batches).unsqueeze(0))
 
-    def _timed_eager(self, shape: tuple[int, int, int], steps: int, run: Callable[[], None]) -> None:
-        """Run eagerly and remember the time per step (what auto weighs compiling against)."""
+    def _timed_eager(self, shape: tuple[int, int, int], steps: int, runs: list[Callable[[], None]]) -> None:
+        """Run each of ``runs`` (``steps`` steps each) eagerly and remember the fastest time per
+        step: what auto weighs compiling against."""
         sync = torch.cuda.synchronize if self.train.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()  # once per shape, not per step
-        self._eager_step_seconds[shape] = (time.perf_counter() - start) / steps
-        self.steps_done += steps
+        best = math.inf
+        for run in runs:
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()  # once per run, a few per shape: not per step
+            best = min(best, time.perf_counter() - start)
+            self.steps_done += steps
+        self._eager_step_seconds[shape] = best / steps
 
     # ------------------------------------------------------------------ build
 
