@@ -198,9 +198,9 @@ def test_small_models_run_per_sample_steps_on_one_thread():
         seen = []
         engine.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.get_num_threads()))
         engine.run_samples(torch.arange(5))
-        assert seen == [1] * 5 and engine.threads == 1
+        assert seen == [1] * 5 and engine.eager_threads == 1
         assert torch.get_num_threads() == 2
-        engine.threads = None  # a larger model keeps torch's setting
+        engine.eager_threads = None  # a larger model keeps torch's setting
         engine.run_samples(torch.arange(5, 8))
         assert seen[5:] == [2] * 3
     finally:

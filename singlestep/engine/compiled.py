@@ -52,6 +52,8 @@ _MINIBATCH_SPEEDUP = 1.15
 _COMPILE_BASE_S = 8.5
 _COMPILE_PER_NODE_S = 0.02
 _CACHED_LOAD_S = 0.2
+# Below this many parameters, per-sample chunks run on one thread (see CompiledEngine).
+_ONE_THREAD_PARAMS = 50_000
 
 
 class _StayEager(Exception):
@@ -217,7 +219,7 @@ class CompiledEngine(EagerEngine):
         chunk_size: per-sample steps per compiled call (K).
         batch_shape: ``(grad_accum_steps, batch_size)`` of a full mini-batch step, or None.
         threads: intra-op threads for per-sample chunks; None picks 1 for models under
-            ``eager.ONE_THREAD_PARAMS`` parameters on the CPU (tiny tensors: one thread saves OpenMP's fork/join
+            ``_ONE_THREAD_PARAMS`` parameters on the CPU (tiny tensors: one thread saves OpenMP's fork/join
             per kernel; measured 16 vs 22 us/step for 784->10 softmax regression) and torch's
             setting otherwise (an MLP of 235k parameters runs 1.6x faster on two). Mini-batch
             steps keep torch's setting.
@@ -238,8 +240,8 @@ class CompiledEngine(EagerEngine):
         self.chunk_size = chunk_size
         self.max_chunk = chunk_size * max(1, 4096 // chunk_size)
         self.batch_shape = batch_shape
-        if threads is not None:  # otherwise the eager engine's rule: 1 for small models on the CPU
-            self.threads = threads
+        small = sum(p.numel() for p in self.params) < _ONE_THREAD_PARAMS
+        self.threads = threads if threads is not None else (1 if small and self.train.device.type == "cpu" else None)
         self.cache_hit = False
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
