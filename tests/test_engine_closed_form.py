@@ -185,6 +185,9 @@ def test_anything_that_changes_or_watches_the_step_falls_back():
         assert not closed.ready(xs, ys)
     with torch.no_grad():
         assert not closed.ready(xs, ys)  # autograd's own error, not a silent closed form
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not closed.ready(xs, ys)  # autocast changes the forward's dtypes
+        engine.run_samples(torch.arange(5))  # and trains through autograd
     engine.model.fc.weight.requires_grad_(False)  # frozen after the engine was built
     assert not closed.ready(xs, ys)
     engine.model.fc.weight.requires_grad_(True)
@@ -195,3 +198,19 @@ def test_anything_that_changes_or_watches_the_step_falls_back():
     assert closed.ready(xs, ys)
     engine.model.fc = nn.Linear(12, 7)  # a replaced layer: the engine's parameters are stale
     assert not closed.ready(xs, ys)
+
+
+def test_a_fallback_steps_only_what_autograd_gives_a_grad():
+    """After closed-form chunks (grads for all), a forward that ignores the bias must leave it alone."""
+    engine = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
+    engine.run_samples(torch.arange(10))  # closed form: the bias has a grad now
+    model = engine.model
+    model.forward = lambda x: F.linear(x.flatten(1), model.fc.weight)  # the bias gets no grad
+    bias = model.fc.bias.detach().clone()
+    weight = model.fc.weight.detach().clone()
+    engine.run_samples(torch.arange(10, 20))
+    torch.testing.assert_close(model.fc.bias, bias, rtol=0, atol=0)
+    assert not torch.equal(model.fc.weight, weight)
+    fresh = _engine(_model("ours", True, torch.float32), "classification", lambda p: SGD(p, lr=0.05))
+    fresh.model.forward = lambda x: F.linear(x.flatten(1), fresh.model.fc.weight)
+    fresh.run_samples(torch.arange(5))  # the closed form never ran: autograd decides from the start

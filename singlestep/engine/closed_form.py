@@ -10,8 +10,8 @@ the gradients are bit-identical to ``torch.autograd.grad`` (tests check this per
 It is used only where nothing could tell the difference: the model is exactly
 :class:`singlestep.models.linear.Linear` or ``nn.Linear`` running its class's own ``forward``,
 the loss is the task's own, every parameter is trainable, no module, global or tensor hook is
-registered, and nothing watches autograd or the ops (anomaly mode, saved-tensor hooks, torch
-function or dispatch modes, transforms): checked per chunk. Any other model or loss, or any
+registered, and nothing watches autograd or changes the ops (anomaly mode, autocast,
+saved-tensor hooks, torch function or dispatch modes, transforms): checked per chunk. Any other model or loss, or any
 chunk where one of these holds, runs through autograd as before.
 """
 
@@ -119,11 +119,14 @@ def _plain_forward(m: nn.Module) -> bool:
 
 
 def _autograd_unobserved() -> bool:
-    """Nothing that watches autograd or the ops is active: anomaly mode, saved-tensor hooks,
-    torch-function or dispatch modes (a FLOP counter, fake tensors), functorch transforms, tracing.
+    """Nothing that watches autograd or changes the ops is active: anomaly mode, autocast,
+    saved-tensor hooks, torch-function or dispatch modes (a FLOP counter, fake tensors), functorch
+    transforms, tracing.
     """
     return (
         not torch.is_anomaly_enabled()
+        and _autocast_enabled is not None
+        and not _autocast_enabled()  # autocast changes the forward's dtypes, and so its backward
         and _saved_tensor_hooks is not None
         and _saved_tensor_hooks(False) is None
         and _torch_function_mode is not None
@@ -135,6 +138,7 @@ def _autograd_unobserved() -> bool:
 # Private torch checks behind _autograd_unobserved (None where this torch lacks them: no closed form).
 _saved_tensor_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
 _torch_function_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
 def closed_form_for(

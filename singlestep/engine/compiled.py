@@ -218,11 +218,13 @@ class CompiledEngine(EagerEngine):
     Args:
         chunk_size: per-sample steps per compiled call (K).
         batch_shape: ``(grad_accum_steps, batch_size)`` of a full mini-batch step, or None.
-        threads: intra-op threads for per-sample chunks; None picks 1 for models under
-            ``_ONE_THREAD_PARAMS`` parameters on the CPU (tiny tensors: one thread saves OpenMP's fork/join
-            per kernel; measured 16 vs 22 us/step for 784->10 softmax regression) and torch's
-            setting otherwise (an MLP of 235k parameters runs 1.6x faster on two). Mini-batch
-            steps keep torch's setting.
+        threads: intra-op threads for compiled per-sample chunks; None picks 1 for models under
+            ``_ONE_THREAD_PARAMS`` parameters on the CPU (tiny tensors: one thread saves OpenMP's
+            fork/join per kernel; measured 16 vs 22 us/step for 784->10 softmax regression) and
+            torch's setting otherwise (an MLP of 235k parameters runs 1.6x faster on two).
+            Mini-batch steps keep torch's setting; the chunks that run eagerly (warm-up, timed,
+            short) follow the eager engine's own rule (``eager_threads``), so for models of
+            30k-50k parameters auto times eager steps on torch's setting.
     """
 
     name = "compiled"
@@ -703,7 +705,8 @@ class CompiledEngine(EagerEngine):
     def _decide(self, shape: tuple[int, int, int], graph: torch.fx.GraphModule | None, cached: bool) -> None:
         """``auto``: compile only when it pays for itself over the steps left; log the choice.
 
-        The eager cost is measured (the shape's second, warmed-up chunk ran eagerly); the compiled
+        The eager cost is measured (the fastest of up to four eager chunks after the warm-up,
+        those that fit in the call that times them); the compiled
         speed-up and the compile time are estimates from measurements on a 2-core CPU
         (docs/performance.md): per-sample chunks run ~8x faster than eager steps for small
         models (one thread), ~2.5x for larger ones (the tiny LM), mini-batch steps ~1.15x; a cold

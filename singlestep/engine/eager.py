@@ -58,8 +58,8 @@ class EagerEngine(Engine):
         self.eager_threads: int | None = 1 if small and self.train.device.type == "cpu" else None
         # A linear model's per-sample loss and grads without the autograd graph (same numbers).
         self._closed = closed_form_for(self.model, self.loss_fn, self.params)
-        if self._closed is not None:
-            self._used = list(range(len(self.params)))
+        self._all = list(range(len(self.params)))  # the closed form's grads: one per parameter
+        self._closed_set_grads = False
 
     def _flush(self) -> None:
         if self._host_scalars:
@@ -105,10 +105,11 @@ class EagerEngine(Engine):
                 raise RuntimeError("the loss does not depend on any trainable parameter")
         return [grads[i] for i in self._used]
 
-    def _apply(self, grads: list[Tensor], loss: Tensor) -> None:
-        """Finite check, clip, optimizer step and scheduler step for one set of grads."""
+    def _apply(self, grads: list[Tensor], loss: Tensor, used: list[int]) -> None:
+        """Finite check, clip, optimizer step and scheduler step for one set of grads
+        (``grads[j]`` belongs to parameter ``used[j]``)."""
         if self._host_scalars:
-            self._apply_host(grads, loss)
+            self._apply_host(grads, loss, used)
             return
         stats = self.stats
         norm = _global_norm(grads)  # pre-clip global L2
@@ -127,9 +128,9 @@ class EagerEngine(Engine):
             # Same rule as torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6)).
             coef = (self.clip_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
             torch._foreach_mul_(grads, coef)
-        self._step(grads)
+        self._step(grads, used)
 
-    def _apply_host(self, grads: list[Tensor], loss: Tensor) -> None:
+    def _apply_host(self, grads: list[Tensor], loss: Tensor, used: list[int]) -> None:
         """``_apply`` for the CPU, where reading a scalar costs less than a kernel launch.
 
         The loss and the norm are read once per step; the finite check, the clip coefficient and
@@ -159,15 +160,15 @@ class EagerEngine(Engine):
                 torch._foreach_mul_(grads, (self.clip_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
             elif coef < 1.0:
                 torch._foreach_mul_(grads, coef)
-        self._step(grads)
+        self._step(grads, used)
 
     def _clamp(self, grads: list[Tensor]) -> None:
         v = self.clip_grad_value
         torch._foreach_clamp_min_(grads, -v)
         torch._foreach_clamp_max_(grads, v)
 
-    def _step(self, grads: list[Tensor]) -> None:
-        for i, g in zip(self._used, grads):
+    def _step(self, grads: list[Tensor], used: list[int]) -> None:
+        for i, g in zip(used, grads):
             self.params[i].grad = g
         opt = self.optimizer
         # Optimizer.step's wrapper opens a profiler range and runs step hooks: ~10 us per call.
@@ -197,6 +198,12 @@ class EagerEngine(Engine):
         if rows is not None:  # the lrs after the chunk, restored at its end
             final = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
         closed = self._closed if self._closed is not None and self._closed.ready(xs, ys) else None
+        if closed is None and self._closed_set_grads:
+            # The closed form gave every parameter a grad; autograd may leave some without one,
+            # and a stale grad there would be stepped on again and again.
+            for p in self.params:
+                p.grad = None
+        self._closed_set_grads = closed is not None
         threads = torch.get_num_threads()
         if self.eager_threads and threads != self.eager_threads:
             torch.set_num_threads(self.eager_threads)
@@ -206,10 +213,11 @@ class EagerEngine(Engine):
                     set_lrs(groups, rows[i])
                 if closed is not None:
                     loss, grads = closed(x, y)
-                    self._apply(grads, loss)
+                    self._apply(grads, loss, self._all)
                 else:
                     loss = loss_fn(model(x), y)
-                    self._apply(self._grads(loss), loss.detach())
+                    grads = self._grads(loss)  # sets self._used on the first call
+                    self._apply(grads, loss.detach(), self._used)
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
@@ -231,7 +239,7 @@ class EagerEngine(Engine):
             else:
                 torch._foreach_add_(grads, g)
                 loss_total = loss_total + loss.detach()
-        self._apply(grads, loss_total)
+        self._apply(grads, loss_total, self._used)
         self._schedule()
         self._flush()
 
