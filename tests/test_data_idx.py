@@ -255,3 +255,19 @@ def test_raw_file_is_read_without_a_copy_into_the_dataset(tmp_path):
     assert arr.flags.writeable and arr.flags.c_contiguous
     np.testing.assert_array_equal(arr, images)
     assert np.require(arr, requirements=["C_CONTIGUOUS", "WRITEABLE"]) is arr  # what images.split() asks for
+
+
+def test_a_pipe_is_read_whole(tmp_path):
+    """No size to read up front (st_size 0): the reader takes what the stream holds."""
+    import os
+    import threading
+
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    fifo = tmp_path / "images-idx3-ubyte"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(idx_bytes(IMAGE_MAGIC, images)), daemon=True)
+    writer.start()
+    try:
+        np.testing.assert_array_equal(read_idx(fifo, IMAGE_MAGIC), images)
+    finally:
+        writer.join(timeout=10)

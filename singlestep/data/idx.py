@@ -88,9 +88,10 @@ def _read_writable(path: Path) -> bytearray:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         buf = bytearray(size)
-        if f.readinto(buf) != size or f.read(1):  # it changed while being read: take what is there now
-            f.seek(0)
-            return bytearray(f.read())
+        got = f.readinto(buf)
+        rest = f.read()  # empty for a regular file read whole; a pipe or a changed file has more or less
+        if got != size or rest:
+            return bytearray(buf[:got]) + rest
     return buf
 
 

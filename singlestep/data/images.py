@@ -62,8 +62,8 @@ def image_bundle(
         # clone: a view would keep the whole carved tensor alive on the device.
         keep = slice(0, train_limit)
         train = TensorSplit(train.inputs[keep].clone(), train.targets[keep].clone(), mean=train.mean, std=train.std)
-    if test_limit is not None:
-        test_x, test_y = test_x[:test_limit], test_y[:test_limit]
+    if test_limit is not None:  # copies: a view would keep the whole file's buffer alive
+        test_x, test_y = test_x[:test_limit].copy(), test_y[:test_limit].copy()
     test = split(test_x, test_y)
     meta = DataMeta(
         task="classification",
