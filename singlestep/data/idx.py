@@ -91,7 +91,7 @@ def _read_writable(path: Path) -> bytearray:
         got = f.readinto(buf)
         rest = f.read()  # empty for a regular file read whole; a pipe or a changed file has more or less
         if got != size or rest:
-            return bytearray(buf[:got]) + rest
+            return buf[:got] + rest
     return buf
 
 

@@ -11,7 +11,18 @@ from torch import Tensor, nn
 
 from singlestep.data.base import Split
 
-__all__ = ["Engine", "StepStats", "advance_schedule", "set_lrs"]
+__all__ = ["Engine", "StepStats", "advance_schedule", "call_without_grad", "set_lrs"]
+
+
+def call_without_grad(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with grad mode off: what ``@torch.no_grad()`` does, without building and
+    entering a context object per call (~2 us, a few percent of a per-sample step)."""
+    prev = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)
+    try:
+        return fn(*args)
+    finally:
+        torch._C._set_grad_enabled(prev)
 
 
 def set_lrs(groups: list[dict], lrs: list[Any]) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from singlestep.engine.base import call_without_grad
 from singlestep.losses import _regression_loss
 from singlestep.models.linear import Linear
 from singlestep.optim._foreach import _host_scalars_ok
@@ -45,11 +46,11 @@ _IGNORE_INDEX = -100  # F.cross_entropy's default
 class _LinearClosedForm:
     """Loss and grads of ``loss(fc(flatten(x)), y)`` for one sample, as autograd would compute them."""
 
-    def __init__(self, model: nn.Module, fc: nn.Linear, classification: bool, params: list[Tensor]):
+    def __init__(self, model: nn.Module, fc: nn.Linear, classification: bool):
         self.model, self.fc, self.classification = model, fc, classification
         self.flatten = fc is not model
-        self.params = params
         self.weight, self.bias = fc.weight, fc.bias
+        self.params = [p for p in (fc.weight, fc.bias) if p is not None]  # the engine's order
         self.one = torch.ones((), dtype=fc.weight.dtype, device=fc.weight.device)
 
     def ready(self, xs: Tensor, ys: Tensor) -> bool:
@@ -81,12 +82,7 @@ class _LinearClosedForm:
         return ys.is_floating_point()
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
-        prev = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)  # no graph to record: this is the backward
-        try:
-            return self._loss_and_grads(x, y)
-        finally:
-            torch._C._set_grad_enabled(prev)
+        return call_without_grad(self._loss_and_grads, x, y)  # no graph to record: this is the backward
 
     def _loss_and_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
         if self.flatten:
@@ -161,9 +157,9 @@ def closed_form_for(
         classification = False
     else:
         return None
-    expected = [fc.weight] if fc.bias is None else [fc.weight, fc.bias]
-    if len(params) != len(expected) or any(p is not q for p, q in zip(params, expected)):
+    closed = _LinearClosedForm(model, fc, classification)
+    if len(params) != len(closed.params) or any(p is not q for p, q in zip(params, closed.params)):
         return None  # a frozen or extra parameter: autograd decides what gets a grad
-    if not fc.weight.is_floating_point() or any(p.dtype != fc.weight.dtype for p in expected):
+    if not fc.weight.is_floating_point() or any(p.dtype != fc.weight.dtype for p in closed.params):
         return None
-    return _LinearClosedForm(model, fc, classification, params)
+    return closed

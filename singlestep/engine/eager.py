@@ -10,7 +10,7 @@ import torch
 import torch.optim.optimizer as _optim_module
 from torch import Tensor
 
-from singlestep.engine.base import Engine, advance_schedule, set_lrs
+from singlestep.engine.base import Engine, advance_schedule, call_without_grad, set_lrs
 from singlestep.engine.closed_form import closed_form_for
 
 __all__ = ["EagerEngine"]
@@ -179,12 +179,7 @@ class EagerEngine(Engine):
         elif self._no_grad_body is not None:
             # ``@torch.no_grad()`` builds, enters and leaves a context object per call (~2 us, 3-4%
             # of a per-sample step); all it does is turn grad mode off around the call.
-            prev = torch.is_grad_enabled()
-            torch._C._set_grad_enabled(False)
-            try:
-                self._no_grad_body(opt)
-            finally:
-                torch._C._set_grad_enabled(prev)
+            call_without_grad(self._no_grad_body, opt)
         else:
             self._bare_step(opt)
 
