@@ -8,7 +8,8 @@ from torch import nn
 
 from singlestep.data.base import TensorSplit
 from singlestep.engine import EagerEngine
-from singlestep.engine.eager import _unwrapped_step
+from singlestep._compat import bare_step as _unwrapped_step
+from singlestep.engine.eager import _DeviceOps, _HostOps
 from singlestep.losses import loss_for
 from singlestep.optim import SGD, Adam
 
@@ -38,8 +39,8 @@ def test_host_scalar_path_matches_device_path(kw, dtype):
     """On the CPU the clip coefficient is host arithmetic; it must scale exactly as the tensor maths."""
     host = _engine(lambda p: Adam(p, lr=1e-2), dtype, **kw)
     device = _engine(lambda p: Adam(p, lr=1e-2), dtype, **kw)
-    device._host_scalars = False
-    assert host._host_scalars
+    device.ops = _DeviceOps(device)
+    assert isinstance(host.ops, _HostOps)
     order = torch.randperm(400, generator=torch.Generator().manual_seed(3))
     host.run_samples(order)
     device.run_samples(order)
@@ -120,7 +121,7 @@ def test_schedule_applies_per_step_as_a_hand_written_loop(tensor_lr):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_host_clip_coefficient_rounds_as_tensor_maths(dtype):
     """The host coefficient is the device expression's number, in the norm's own precision."""
-    from singlestep.engine.eager import _clip_coef
+    from singlestep.engine.eager import _host_clip_coef as _clip_coef
 
     g = torch.Generator().manual_seed(0)
     norms = (10 ** (torch.rand(500, generator=g, dtype=torch.float64) * 16 - 8)).to(dtype)

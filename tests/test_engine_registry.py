@@ -36,14 +36,18 @@ def test_registered_optimizer_compiles_and_matches_eager(name):
     kwargs = OPTIM_TABLE[name].conformance[-1]
     order = torch.randperm(1200, generator=torch.Generator().manual_seed(3))[:200]
     eager = run(EagerEngine, name, kwargs, order)
+    if name == "muon":
+        # Newton-Schulz runs in bfloat16, which Inductor computes in float32 between roundings, and
+        # the sign-based fallback (lion here) turns those last-bit differences into whole steps.
+        # The first compiled chunk's check sees that and the run stays eager, bit for bit, saying so.
+        with pytest.warns(UserWarning, match=r"compiled step's parameter \d+ differs from eager steps' by"):
+            compiled = run(CompiledEngine, name, kwargs, order)
+        assert compiled.fallback_reason is not None and not compiled._fns
+        for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        return
     compiled = run(CompiledEngine, name, kwargs, order)
     assert compiled.fallback_reason is None, compiled.fallback_reason
     assert compiled._fns
-    if name == "muon":
-        # Newton-Schulz runs in bfloat16, which Inductor computes in float32 between roundings, and
-        # the sign-based fallback (lion here) turns those last-bit differences into whole steps: the
-        # runs agree in loss, not bit for bit.
-        assert compiled.read()["loss"] == pytest.approx(eager.read()["loss"], rel=0.02)
-        return
     for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

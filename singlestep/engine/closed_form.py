@@ -22,23 +22,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
-from singlestep.engine.base import call_without_grad
+from singlestep import _compat as compat
 from singlestep.losses import _regression_loss
 from singlestep.models.linear import Linear
-from singlestep.optim._foreach import _host_scalars_ok
 
 __all__ = ["ClosedForm", "closed_form_for"]
 
 # (x [1, ...], y [1, ...]) -> (loss, [grad of each parameter, in the engine's order])
 ClosedForm = Callable[[Tensor, Tensor], tuple[Tensor, list[Tensor]]]
 
-_nll_loss = torch._C._nn.nll_loss
-_mse_loss = torch._C._nn.mse_loss
 _nll_loss_backward = torch.ops.aten.nll_loss_backward.default
 _mse_loss_backward = torch.ops.aten.mse_loss_backward.default
-_log_softmax_backward = torch._log_softmax_backward_data
 _MEAN = 1  # torch's Reduction::Mean
 _IGNORE_INDEX = -100  # F.cross_entropy's default
 
@@ -64,15 +59,11 @@ class _LinearClosedForm:
             return False  # autograd's error, not a silent closed form
         if not _plain_forward(model) or (self.flatten and not _plain_forward(fc)):
             return False  # a forward patched on the instance or the class computes something else
-        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in (model, fc)):  # fmt: skip
+        if compat.hooks_registered((model, fc), self.params):
             return False
-        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-                or _module._global_backward_pre_hooks):  # fmt: skip
+        if any(not p.requires_grad or not p.is_contiguous() for p in self.params):
             return False
-        if any(p._backward_hooks or not p.requires_grad or not p.is_contiguous() for p in self.params):
-            return False
-        if not _autograd_unobserved():
+        if not compat.autograd_unobserved():
             return False
         if not self.flatten and xs.dim() != 2:
             return False
@@ -82,7 +73,7 @@ class _LinearClosedForm:
         return ys.is_floating_point()
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return call_without_grad(self._loss_and_grads, x, y)  # no graph to record: this is the backward
+        return compat.call_without_grad(self._loss_and_grads, x, y)  # no graph to record: this is the backward
 
     def _loss_and_grads(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
         if self.flatten:
@@ -90,13 +81,13 @@ class _LinearClosedForm:
         out = F.linear(x, self.weight, self.bias)  # [1, out]: addmm, as the forward under autograd
         if self.classification:
             logp = torch.log_softmax(out, 1)
-            loss = _nll_loss(logp, y, None, _MEAN, _IGNORE_INDEX)
+            loss = compat.nll_loss(logp, y, None, _MEAN, _IGNORE_INDEX)
             # cross_entropy's backward: nll_loss's (total weight 1 for one unweighted sample), then log_softmax's
             d = _nll_loss_backward(self.one, logp, y, None, _MEAN, _IGNORE_INDEX, self.one)
-            d = _log_softmax_backward(d, logp, 1, logp.dtype)
+            d = compat.log_softmax_backward(d, logp, 1, logp.dtype)
         else:
             y = y.reshape(out.shape)
-            loss = _mse_loss(out, y, _MEAN)
+            loss = compat.mse_loss(out, y, _MEAN)
             d = _mse_loss_backward(self.one, out, y, _MEAN)
         # linear's backward: mm_mat2_backward for the transposed weight (one row: plain products)
         # and the bias's sum over a batch of one, which is the row itself.
@@ -114,33 +105,12 @@ def _plain_forward(m: nn.Module) -> bool:
     return "forward" not in vars(m) and _FORWARDS.get(type(m)) is type(m).forward
 
 
-def _autograd_unobserved() -> bool:
-    """Nothing that watches autograd or changes the ops is active: anomaly mode, autocast,
-    saved-tensor hooks, torch-function or dispatch modes (a FLOP counter, fake tensors), functorch
-    transforms, tracing.
-    """
-    return (
-        not torch.is_anomaly_enabled()
-        and _autocast_enabled is not None
-        and not _autocast_enabled()  # autocast changes the forward's dtypes, and so its backward
-        and _saved_tensor_hooks is not None
-        and _saved_tensor_hooks(False) is None
-        and _torch_function_mode is not None
-        and not _torch_function_mode()
-        and _host_scalars_ok(())
-    )
-
-
-# Private torch checks behind _autograd_unobserved (None where this torch lacks them: no closed form).
-_saved_tensor_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
-_torch_function_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
-_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
 def closed_form_for(
     model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], params: list[Tensor]
 ) -> _LinearClosedForm | None:
     """The closed form for this model and loss, or None when the step needs autograd."""
+    if not compat.closed_form_ok():
+        return None
     if type(model) is Linear:
         fc = model.fc
         if not _plain_forward(model):

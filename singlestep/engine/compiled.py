@@ -7,7 +7,7 @@ How it works, and why:
    called as-is: during tracing its parameter and state references are pointed at fresh copies, so
    any optimizer in ``torch.optim`` shape (tensor state, no ``.item()``) becomes functional maths.
    Python in ``step()`` runs only at trace time; profiler hooks are dropped from the graph.
-2. K of those steps run inside ``torch._higher_order_ops.scan``, exported and compiled ahead of
+2. K of those steps run inside torch's ``scan`` operator, exported and compiled ahead of
    time by AOTInductor into a native package, so a whole chunk is one native call: no Python,
    dispatch or autograd per sample. Compile time stays flat in K (the step is compiled once, not
    unrolled).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import math
 import os
 import platform
@@ -37,8 +38,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from singlestep import _compat as compat
 from singlestep.engine.base import advance_schedule
 from singlestep.engine.eager import EagerEngine
+from singlestep.engine.step import clip_coef, global_norm, take_step
 
 __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 
@@ -52,6 +55,10 @@ _MINIBATCH_SPEEDUP = 1.15
 _COMPILE_BASE_S = 8.5
 _COMPILE_PER_NODE_S = 0.02
 _CACHED_LOAD_S = 0.2
+# A compiled chunk's first run must match eager steps from the same state within this
+# (|compiled - eager| <= atol + rtol * max |eager|, per tensor; fused and foreach maths differ in last bits).
+_VERIFY_RTOL = 1e-4
+_VERIFY_ATOL = 1e-6
 # Below this many parameters, per-sample chunks run on one thread (see CompiledEngine).
 _ONE_THREAD_PARAMS = 50_000
 
@@ -155,8 +162,7 @@ def _foreach_decompositions() -> dict:
     aten = torch.ops.aten
     table: dict = {}
     # Every registered foreach op (``dir(torch.ops.aten)`` lists only the ops looked up so far).
-    names = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("aten::_foreach_")}
-    for name in sorted(names):
+    for name in sorted(compat.foreach_op_names()):
         base_name = name[len("_foreach_") :]
         inplace = base_name.endswith("_")
         stem = base_name.rstrip("_")
@@ -249,6 +255,7 @@ class CompiledEngine(EagerEngine):
         self.compile_seconds = 0.0
         self._fns: dict[tuple[int, int, int], Any] = {}
         self._warm: set[tuple[int, int, int]] = set()  # shapes whose first (warm-up) run is done
+        self._verified: set[tuple[int, int, int]] = set()  # shapes whose compiled chunk matched eager
 
     # ------------------------------------------------------------------ public
 
@@ -276,8 +283,11 @@ class CompiledEngine(EagerEngine):
             if self.threads:
                 torch.set_num_threads(self.threads)
             try:
-                while n - pos >= k:
-                    self._run(fn, idx[pos : pos + k].view(k, 1, 1))
+                while n - pos >= k and self.fallback_reason is None:
+                    if shape in self._verified:
+                        self._run(fn, idx[pos : pos + k].view(k, 1, 1))
+                    else:
+                        self._verify(shape, fn, idx[pos : pos + k])
                     pos += k
             finally:
                 torch.set_num_threads(threads)
@@ -300,7 +310,62 @@ class CompiledEngine(EagerEngine):
                 super().run_batch(micro_batches)
                 self.steps_done += 1
             return
-        self._run(fn, torch.stack(micro_batches).unsqueeze(0))
+        if shape in self._verified:
+            self._run(fn, torch.stack(micro_batches).unsqueeze(0))
+        else:
+            self._verify(shape, fn, micro_batches)
+
+    def _verify(self, shape: tuple[int, int, int], fn: Any, samples: Tensor | list[Tensor]) -> None:
+        """Run a shape's first compiled chunk, then the same steps eagerly from the same state, and
+        keep the eager result. Unless parameters, optimizer state and the Python values the step
+        changes all agree, fall back to eager for good, with a warning that names the difference.
+
+        This catches what the support checks cannot know: a Python number in ``param_groups`` or
+        on the optimizer that ``step()`` updates (a step count) is frozen into the traced graph.
+        """
+        k, micro, rows = shape
+        opt, stats = self.optimizer, self.stats
+        lr_rows = advance_schedule(self.scheduler, opt, k)
+        keys = self._current_state_keys()
+        self._flush()
+        before = [t.clone() for t in self._flat(keys)]
+        stats_before = [t.clone() for t in (stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped)]
+        python_before = _python_state(opt)
+        idx = samples.view(k, 1, 1) if isinstance(samples, Tensor) else torch.stack(samples).unsqueeze(0)
+        with torch.no_grad():
+            fn(idx, torch.tensor(lr_rows, dtype=torch.float32, device=self.train.device))
+            compiled = [t.clone() for t in self._flat(keys)]
+            python_compiled = _python_state(opt)
+            torch._foreach_copy_(self._flat(keys), before)
+            torch._foreach_copy_([stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped], stats_before)
+        _restore_python_state(opt, python_before)
+        if isinstance(samples, Tensor):
+            self.run_samples_at(samples, lr_rows if self.scheduler is not None else None)
+        else:
+            self.run_batch_at(samples, lr_rows[0])
+        self.steps_done += k
+        problem = _python_changes(python_compiled, _python_state(opt))
+        if problem:
+            self._fallback(f"step() changes {problem[0]} in Python, which a compiled step would freeze at its "
+                           "traced value; keep values that change per step in optimizer state tensors")  # fmt: skip
+            return
+        names = self._flat_names(keys)
+        for what, c, e in zip(names, compiled, self._flat(keys)):
+            if c.shape != e.shape or c.dtype != e.dtype:
+                self._fallback(f"after its first chunk the compiled step's {what} is not the eager step's")
+                return
+            if not e.is_floating_point():
+                bad = not torch.equal(c, e)
+                diff = scale = 0.0
+            else:
+                diff = float((c.double() - e.double()).abs().max()) if e.numel() else 0.0
+                scale = float(e.double().abs().max()) if e.numel() else 0.0
+                bad = not diff <= _VERIFY_ATOL + _VERIFY_RTOL * scale  # a NaN difference is bad too
+            if bad:
+                self._fallback(f"after its first chunk of {k} steps the compiled step's {what} differs from eager "
+                               f"steps' by {diff:.3g} (largest |value| {scale:.3g}); running eagerly")  # fmt: skip
+                return
+        self._verified.add(shape)
 
     def _timed_eager(self, shape: tuple[int, int, int], steps: int, runs: list[Callable[[], None]]) -> None:
         """Run each of ``runs`` (``steps`` steps each) eagerly and remember the fastest time per
@@ -334,12 +399,13 @@ class CompiledEngine(EagerEngine):
         except CompileUnsupported as exc:
             self._fallback(str(exc))
         except Exception as exc:  # a tracing/compiler failure is a reason to run eagerly, not to crash
-            self._fallback(_explain(exc))
+            self._fallback(_explain(exc, self.optimizer))
         self.compile_seconds += time.perf_counter() - start
         return self._fns.get(shape)
 
     def _fallback(self, reason: str) -> None:
         self.fallback_reason = reason
+        self._fns.clear()
         warnings.warn(f"engine 'compiled' falls back to eager: {reason}", stacklevel=3)
 
     def _check_supported(self, shape: tuple[int, int, int]) -> None:
@@ -403,7 +469,6 @@ class CompiledEngine(EagerEngine):
         ``x`` and ``y`` hold ``micro`` micro-batches of ``rows`` samples, whose gradients are
         summed with weight ``1 / micro`` (the eager engine's rule for equal micro-batches).
         """
-        from torch.fx.experimental.proxy_tensor import make_fx
         from torch.func import functional_call, grad_and_value
 
         model, opt, loss_fn, split = self.model, self.optimizer, self.loss_fn, self.train
@@ -415,15 +480,13 @@ class CompiledEngine(EagerEngine):
         state_keys = self._current_state_keys()
         flat_names = self._flat_names(state_keys)
         n_params = len(params)
-        clip_norm, clip_value, check_finite = self.clip_grad_norm, self.clip_grad_value, self.check_finite
 
         def loss_of(values: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
             return loss_fn(functional_call(model, dict(zip(names, values)), (x,)), y)
 
         grad_value = grad_and_value(loss_of)
 
-        def global_norm(tensors: list[Tensor]) -> Tensor:
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+        rule = self.rule
 
         def step(flat: list[Tensor], xs: tuple[Tensor, Tensor, Tensor]):
             ps = flat[:n_params]
@@ -439,58 +502,21 @@ class CompiledEngine(EagerEngine):
                     loss = loss + more_loss
                 grads = [g * (1.0 / micro) for g in grads]
                 loss = loss * (1.0 / micro)
-            norm = global_norm(grads)  # pre-clip, as logged
-            finite = torch.isfinite(norm) & torch.isfinite(loss)
-            if clip_value is not None:
-                grads = [g.clamp(-clip_value, clip_value) for g in grads]
-            if clip_norm is not None:
-                clipped = global_norm(grads) if clip_value is not None else norm
-                coef = torch.clamp(clip_norm / (clipped + 1e-6), max=1.0)
-                grads = [g * coef for g in grads]
-            # The user's optimizer, called as-is on copies: its in-place maths becomes pure graph ops.
-            new_p = [p.clone() for p in ps]
-            new_s = [{k: v.clone() for k, v in d.items()} for d in ss]
-            saved = ([g["params"] for g in groups], [g["lr"] for g in groups], opt.state)
-            try:
-                for gi, group in enumerate(groups):
-                    group["params"] = [new_p[i] for i in group_members[gi]]
-                    group["lr"] = lr[gi]
-                opt.state = _StateView({id(p): d for p, d in zip(new_p, new_s)})
-                for p, g in zip(new_p, grads):
-                    p.grad = g
-                opt.step()
-            finally:
-                for group, group_params, group_lr in zip(groups, saved[0], saved[1]):
-                    group["params"], group["lr"] = group_params, group_lr
-                opt.state = saved[2]
-            for p in new_p:
-                p.grad = None
-            # The chunk writes these back in place: a tensor the optimizer rebinds to another
-            # shape or dtype (a growing history, say) cannot be.
-            olds = ps + [d[k] for d, keys in zip(ss, state_keys) for k in keys]
-            news = new_p + [d[k] for d, keys in zip(new_s, state_keys) for k in keys]
-            for what, old, new in zip(flat_names, olds, news):
-                if new.shape != old.shape or new.dtype != old.dtype:
-                    raise CompileUnsupported(
-                        f"the step turns {what} from {old.dtype} {tuple(old.shape)} into {new.dtype} "
-                        f"{tuple(new.shape)}; keep each state tensor's dtype and shape to compile the step"
-                    )
-            if check_finite:  # a non-finite step leaves parameters and state as they were
-                out_p = [torch.where(finite, a, b) for a, b in zip(new_p, ps)]
-                out_s = [torch.where(finite, d2[k], d1[k]) for d1, d2, keys in zip(ss, new_s, state_keys) for k in keys]
-            else:
-                out_p = new_p
-                out_s = [d[k] for d, keys in zip(new_s, state_keys) for k in keys]
-            stats = torch.stack([loss.detach().float(), norm.detach().float(), finite.float()])
-            return out_p + out_s, stats
+            ops = _TracedOps(opt, group_members, ps, ss, state_keys, flat_names, lr)
+            take_step(rule, ops, grads, loss.detach())
+            return ops.out, ops.stats
 
         flat = self._flat(state_keys)
         x0, y0 = split.get(torch.zeros(micro * rows, dtype=torch.long, device=split.device))
         x0, y0 = x0.reshape(micro, rows, *x0.shape[1:]), y0.reshape(micro, rows, *y0.shape[1:])
         lr0 = torch.zeros(len(groups), device=split.device)
-        with torch.no_grad():
-            table = {**_foreach_decompositions(), **_tiny_matmul_decompositions()}
-            graph = make_fx(step, decomposition_table=table)(flat, (x0, y0, lr0))
+        saved = _python_state(opt)
+        try:
+            with torch.no_grad():
+                table = {**_foreach_decompositions(), **_tiny_matmul_decompositions()}
+                graph = compat.make_fx(step, table)(flat, (x0, y0, lr0))
+        finally:  # tracing ran step() once: what it changed in Python must not count as a step
+            _restore_python_state(opt, saved)
         _strip_profiler(graph)
         return graph, flat, state_keys
 
@@ -509,7 +535,7 @@ class CompiledEngine(EagerEngine):
         h.update(f"{_FORMAT}|{torch.__version__}|{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}".encode())
         h.update(f"|{shape}|{self.train.signature()}|{self._inductor_configs(shape)}|".encode())
         h.update(graph.code.encode())
-        for t in torch.utils._pytree.tree_leaves(inputs):
+        for t in compat.tree_leaves(inputs):
             h.update(f"{tuple(t.shape)}:{t.dtype}:{t.device.type}|".encode())
         return h.hexdigest()[:32]
 
@@ -547,8 +573,10 @@ class CompiledEngine(EagerEngine):
             path = self._compile_or_find(shape, example)
             _write_atomic(recipe, path.name)
 
-        runner = _load_package(path)
-        call = _direct_call(runner, example)
+        runner = compat.load_package(str(path))
+        flat0, data0, *rest0 = example
+        call = compat.flat_call(runner, example, [*flat0, *data0.values(), *rest0],
+                                lambda inputs: _flat_to_nested(inputs, example))  # fmt: skip
         stats = self.stats
         data_list = list(data.values())
 
@@ -595,7 +623,7 @@ class CompiledEngine(EagerEngine):
                     new_flat, out = graph(flat, (x[0], y[0], lrs[0]))
                     out = out.unsqueeze(0)
                 else:
-                    new_flat, out = _scan(graph, flat, (x, y, lrs))  # out [K, 3]: loss, norm, finite
+                    new_flat, out = compat.scan(graph, flat, (x, y, lrs))  # out [K, 3]: loss, norm, finite
                 for old, new in zip(flat, new_flat):  # parameters and state are updated in place
                     old.copy_(new)
                 ok = out[:, 2]
@@ -617,15 +645,11 @@ class CompiledEngine(EagerEngine):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
             # Only where the user has not set Inductor's ISA check (TORCHINDUCTOR_VEC_ISA_OK).
-            unset = torch._inductor.config.cpp.vec_isa_ok is None
-            isa_record = _vec_isa_record() if unset and self.train.device.type == "cpu" else None
-            known_isas = {"cpp.vec_isa_ok": True} if isa_record is not None and isa_record.exists() else {}
-            with warnings.catch_warnings(), torch._inductor.config.patch(known_isas):
-                warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation chatter inside torch
-                torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp),
-                                                         inductor_configs=self._inductor_configs(shape))  # fmt: skip
+            isa_record = _vec_isa_record() if self.train.device.type == "cpu" and compat.vec_isa_check_pending() else None
+            known_isas = isa_record is not None and isa_record.exists()
+            compat.aoti_compile(exported, str(tmp), self._inductor_configs(shape), known_isas)
             os.replace(tmp, path)  # atomic: a concurrent run sees a whole file or none
-            if isa_record is not None and not known_isas and _vec_isas_all_passed():
+            if isa_record is not None and not known_isas and compat.vec_isas_all_passed():
                 _write_atomic(isa_record, "ok")
             self.log(f"engine {self.name}: compiled in {time.perf_counter() - started:.1f}s")
         return path
@@ -665,6 +689,7 @@ class CompiledEngine(EagerEngine):
         h.update(f"|{shape}|{self.train.signature()}|{self._inductor_configs(shape)}|{_qualname(type(self.train))}|{_qualname(self.loss_fn)}".encode())
         h.update(f"|{torch.get_default_dtype()}|{torch.are_deterministic_algorithms_enabled()}".encode())
         h.update(f"|{torch.get_float32_matmul_precision()}|{self.clip_grad_norm}|{self.clip_grad_value}|{self.check_finite}".encode())
+        h.update(f"|{[_qualname(t) for t in self.rule.grad_transforms]}".encode())
         for name, m in self.model.named_modules():
             h.update(f"|{name}:{_qualname(type(m))}:{m.training}:{_plain_attrs(m)}".encode())
         for name, p in self.model.named_parameters():
@@ -675,10 +700,10 @@ class CompiledEngine(EagerEngine):
         for group in opt.param_groups:
             settings = sorted((key, repr(v)) for key, v in group.items() if key not in ("params", "lr", "initial_lr"))
             h.update(f"|{[pos.get(id(p)) for p in group['params']]}:{settings}".encode())
-        for t in torch.utils._pytree.tree_leaves(example):
+        for t in compat.tree_leaves(example):
             h.update(f"{tuple(t.shape)}:{t.dtype}:{t.device.type}|".encode())
         classes = [type(m) for m in self.model.modules()] + [type(opt), type(self.train)]
-        for path in sorted(_code_files(classes, self.loss_fn)):
+        for path in sorted(_code_files(classes, [self.loss_fn, *self.rule.grad_transforms])):
             try:
                 st = os.stat(path)
             except OSError:
@@ -755,16 +780,6 @@ class CompiledEngine(EagerEngine):
         return "compiled" if self.fallback_reason is None else "compiled (fell back to eager)"
 
 
-def _claimed_vec_isas() -> list[Any]:
-    """The vector ISAs Inductor may compile for that this CPU's flags claim (x86-64 Linux only)."""
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    from torch._inductor import cpu_vec_isa
-
-    flags = cpu_vec_isa.x86_isa_checker()
-    return [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
-
-
 def _vec_isa_record() -> Path | None:
     """A file whose existence says every claimed ISA passed Inductor's build-and-load check here.
 
@@ -776,12 +791,11 @@ def _vec_isa_record() -> Path | None:
     """
     import shutil
 
-    claimed = _claimed_vec_isas()
-    if not claimed:
+    claimed = compat.claimed_vec_isas()
+    name = compat.cpp_compiler() if claimed else None
+    if name is None:
         return None
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
-    compiler = shutil.which(get_cpp_compiler()) or get_cpp_compiler()
+    compiler = shutil.which(name) or name
     try:
         stamp = os.stat(compiler).st_mtime_ns
     except OSError:
@@ -790,64 +804,42 @@ def _vec_isa_record() -> Path | None:
     return cache_dir() / f"vec-isa-{h.hexdigest()[:32]}.ok"
 
 
-def _vec_isas_all_passed() -> bool:
-    """Whether Inductor's own check (run during this process's compile) passed every claimed ISA."""
-    from torch._inductor import cpu_vec_isa
-
-    return [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] == [str(i) for i in _claimed_vec_isas()]
-
-
-def _scan(graph: torch.fx.GraphModule, init: list[Tensor], xs: tuple[Tensor, ...]) -> tuple[list[Tensor], Tensor]:
-    """``torch.scan(graph, init, xs)`` as export traces it, without compiling it with Dynamo first.
-
-    ``torch.scan`` hands its flattened call to ``torch.compile`` (Dynamo, then the scan operator),
-    which inside ``torch.export`` costs ~1 s of every cold compile and traces nothing new: the step
-    is already a traced graph of ATen operators. The operator itself is called here directly,
-    with ``torch.scan``'s own argument flattening; should torch's internals move, the public
-    ``torch.scan`` is used.
-    """
-    import torch.utils._pytree as pytree
-    from torch._higher_order_ops.scan import scan
-
-    try:
-        from torch._higher_order_ops.scan import scan_op, wrap_combine_fn_flat
-    except ImportError:
-        return scan(graph, init, xs)
-    leaves_init, spec_init = pytree.tree_flatten(init)
-    leaves_xs, spec_xs = pytree.tree_flatten(xs)
-    nested = functools.partial(wrap_combine_fn_flat, combine_fn=graph, spec_init=spec_init, spec_xs=spec_xs,
-                               num_init_leaves=len(leaves_init), num_inp_leaves=len(leaves_xs))  # fmt: skip
-    result = scan_op(lambda *args: pytree.tree_leaves(nested(*args)), leaves_init, leaves_xs, additional_inputs=())
-    return list(result[: len(leaves_init)]), result[len(leaves_init)]  # final carry; stacked statistics
-
-
-def _explain(exc: Exception) -> str:
-    """A one-line reason for a failed trace or compile, in the user's terms where we can."""
+def _explain(exc: Exception, optimizer: torch.optim.Optimizer) -> str:
+    """A one-line reason for a failed trace or compile, in the user's terms where we can: the
+    line of the optimizer's (or model's) source that read a value on the host, and what to do."""
     text = str(exc)
     if "_local_scalar_dense" in text or "data-dependent" in text:
-        return ("the step reads a tensor's value on the host (.item(), float(t), or an if on a tensor), "
-                "so it cannot be traced; write optimizer maths as plain tensor ops (docs/optimizers.md)")  # fmt: skip
+        where = _user_line(exc)
+        cls = type(optimizer)
+        advice = "write optimizer maths as plain tensor ops (docs/optimizers.md)"
+        if cls.__module__.startswith("torch.optim"):
+            from singlestep.registry import OPTIMIZERS
+
+            ours = cls.__name__.lower()
+            if ours in OPTIMIZERS.names():
+                advice = f"singlestep's own '{ours}' (optimizer.name: {ours}) has the same numbers and compiles"
+            elif "capturable" in inspect.signature(cls).parameters:
+                advice = "try capturable: true, which keeps its step count in a tensor"
+        return (f"the step reads a tensor's value on the host (.item(), float(t), or an if on a tensor){where}, "
+                f"so it cannot be traced; {advice}")  # fmt: skip
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(exc).__name__}: {' '.join(lines[:3])[:400]}"
 
 
-def _direct_call(runner: Any, example: tuple) -> Callable[[list[Tensor]], list[Tensor]]:
-    """The package's native entry point, fed a flat list of tensors.
+def _user_line(exc: Exception) -> str:
+    """`` at FILE:LINE (`code`)``: the innermost frame of the traceback outside torch's internals
+    and this engine, where the step's code read a value; empty when there is none."""
+    import traceback
 
-    The package's own ``__call__`` flattens and unflattens nested inputs with pytree on every
-    call, which costs as much as several per-sample steps; the order is fixed, so it is checked
-    once here against pytree's and then skipped.
-    """
-    import torch.utils._pytree as pytree
-
-    flat, data, *rest = example
-    ours = [*flat, *data.values(), *rest]
-    leaves = pytree.tree_leaves(example)
-    loader = getattr(runner, "loader", None)
-    same_order = len(leaves) == len(ours) and all(a is b for a, b in zip(leaves, ours))
-    if not same_order or not hasattr(loader, "boxed_run"):
-        return lambda inputs: pytree.tree_leaves(runner(*_flat_to_nested(inputs, example)))
-    return loader.boxed_run  # takes (and empties) a fresh list per call
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        f = frame.filename
+        inside_torch = f.startswith(torch_dir) and not f.startswith(os.path.join(torch_dir, "optim"))
+        if not inside_torch and not f.startswith(here) and frame.line is not None:
+            return f" at {f}:{frame.lineno} (`{frame.line.strip()}`)"
+    return ""
 
 
 def _flat_to_nested(inputs: list[Tensor], example: tuple) -> tuple:
@@ -884,12 +876,12 @@ def _plain_attrs(obj: Any) -> list[tuple[str, Any]]:
     return sorted((k, v) for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, plain))
 
 
-def _code_files(classes: list[type], loss_fn: Any) -> set[str]:
+def _code_files(classes: list[type], functions: list[Any]) -> set[str]:
     """Source files the traced step may run: see ``CompiledEngine._recipe_key``."""
     import sysconfig
 
     files = {str(f) for f in Path(__file__).resolve().parents[1].rglob("*.py")}
-    for obj in [*classes, loss_fn]:
+    for obj in [*classes, *functions]:
         for cls in getattr(obj, "__mro__", (obj,)):
             module = sys.modules.get(getattr(cls, "__module__", "") or "")
             if module is not None and getattr(module, "__file__", None):
@@ -903,33 +895,6 @@ def _code_files(classes: list[type], loss_fn: Any) -> set[str]:
     return files
 
 
-def _load_package(path: Path) -> Any:
-    """Load a cached package with torch's native loader, without importing ``torch._inductor``.
-
-    ``aoti_load_package`` imports the compiler (~1.5 s of start-up) only to compare the package's
-    device metadata with this machine's and warn on a mismatch; the cache key already holds this
-    machine's architecture, CPU capability and torch build, so a package found under its key was
-    compiled for this machine. The returned object has the loader as ``.loader`` (what
-    ``_direct_call`` uses) and is callable the way torch's own wrapper is.
-    """
-    native = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
-    if native is None:
-        return torch._inductor.aoti_load_package(str(path))
-    return _Package(native(str(path), "model", False, 1, -1))
-
-
-class _Package:
-    """A loaded package: the native loader, and torch's calling convention on demand."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from torch._inductor.package.package import AOTICompiledModel
-
-        return AOTICompiledModel(self.loader)(*args, **kwargs)
-
-
 class _StateView(dict):
     """``optimizer.state`` during tracing: keyed by the traced copies of the parameters."""
 
@@ -941,3 +906,97 @@ class _StateView(dict):
 
     def __contains__(self, p: object) -> bool:
         return super().__contains__(id(p))
+
+
+class _TracedOps:
+    """The step's stages as functional maths, for tracing (see ``step.py``).
+
+    ``update`` calls the user's optimizer as-is on copies of the parameters and state: its in-place
+    maths becomes pure graph ops. A non-finite step is masked with ``torch.where`` so parameters
+    and state keep their values, without a host sync. ``out`` and ``stats`` are the step's outputs.
+    """
+
+    def __init__(self, opt, group_members, ps, ss, state_keys, flat_names, lr):  # noqa: ANN001
+        self.opt, self.group_members, self.ps, self.ss = opt, group_members, ps, ss
+        self.state_keys, self.flat_names, self.lr = state_keys, flat_names, lr
+        self.out: list[Tensor] | None = None
+        self.stats: Tensor | None = None
+
+    def norm(self, grads: list[Tensor]) -> Tensor:
+        return global_norm(grads)
+
+    def finite(self, loss: Tensor, norm: Tensor) -> Tensor:
+        return torch.isfinite(norm) & torch.isfinite(loss)
+
+    def record(self, loss: Tensor, norm: Tensor, ok: Any) -> None:
+        ok = ok if isinstance(ok, Tensor) else norm.new_ones((), dtype=torch.bool)
+        self.stats = torch.stack([loss.float(), norm.detach().float(), ok.float()])
+
+    def clamp(self, grads: list[Tensor], value: float) -> list[Tensor]:
+        return [g.clamp(-value, value) for g in grads]
+
+    def scale_to_norm(self, grads: list[Tensor], max_norm: float, norm: Tensor) -> list[Tensor]:
+        coef = clip_coef(max_norm, norm)
+        return [g * coef for g in grads]
+
+    def update(self, grads: list[Tensor], ok: Any) -> None:
+        opt, groups, ps, ss, keys = self.opt, self.opt.param_groups, self.ps, self.ss, self.state_keys
+        new_p = [p.clone() for p in ps]
+        new_s = [{k: v.clone() for k, v in d.items()} for d in ss]
+        saved = ([g["params"] for g in groups], [g["lr"] for g in groups], opt.state)
+        try:
+            for gi, group in enumerate(groups):
+                group["params"] = [new_p[i] for i in self.group_members[gi]]
+                group["lr"] = self.lr[gi]
+            opt.state = _StateView({id(p): d for p, d in zip(new_p, new_s)})
+            for p, g in zip(new_p, grads):
+                p.grad = g
+            opt.step()
+        finally:
+            for group, group_params, group_lr in zip(groups, saved[0], saved[1]):
+                group["params"], group["lr"] = group_params, group_lr
+            opt.state = saved[2]
+        for p in new_p:
+            p.grad = None
+        # The chunk writes these back in place: a tensor the optimizer rebinds to another
+        # shape or dtype (a growing history, say) cannot be.
+        olds = ps + [d[k] for d, ks in zip(ss, keys) for k in ks]
+        news = new_p + [d[k] for d, ks in zip(new_s, keys) for k in ks]
+        for what, old, new in zip(self.flat_names, olds, news):
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise CompileUnsupported(
+                    f"the step turns {what} from {old.dtype} {tuple(old.shape)} into {new.dtype} "
+                    f"{tuple(new.shape)}; keep each state tensor's dtype and shape to compile the step"
+                )
+        if isinstance(ok, Tensor):  # a non-finite step leaves parameters and state as they were
+            news = [torch.where(ok, new, old) for new, old in zip(news, olds)]
+        self.out = news
+
+
+_PLAIN = (bool, int, float, str, type(None), tuple)
+
+
+def _python_state(opt: torch.optim.Optimizer) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The plain Python values of the optimizer's groups and attributes, which a step may change."""
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr") and isinstance(v, _PLAIN)} for g in opt.param_groups]
+    attrs = {k: v for k, v in vars(opt).items() if isinstance(v, _PLAIN)}
+    return groups, attrs
+
+
+def _restore_python_state(opt: torch.optim.Optimizer, saved: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+    for group, values in zip(opt.param_groups, saved[0]):
+        group.update(values)
+    vars(opt).update(saved[1])
+
+
+def _python_changes(before: tuple, after: tuple) -> list[str]:
+    """Descriptions of the plain Python values that differ between two ``_python_state`` readings."""
+    changes = []
+    for gi, (b, a) in enumerate(zip(before[0], after[0])):
+        for k in sorted(set(b) | set(a)):
+            if b.get(k) != a.get(k):
+                changes.append(f"param_groups[{gi}]['{k}'] ({b.get(k)!r} -> {a.get(k)!r})")
+    for k in sorted(set(before[1]) | set(after[1])):
+        if before[1].get(k) != after[1].get(k):
+            changes.append(f"optimizer.{k} ({before[1].get(k)!r} -> {after[1].get(k)!r})")
+    return changes

@@ -1,4 +1,4 @@
-"""The eager engine: plain PyTorch, no compilation, nothing to warm up."""
+"""The eager engine: plain PyTorch, no compilation, nothing to warm up; the reference for the others."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import struct
 from typing import Any
 
 import torch
-import torch.optim.optimizer as _optim_module
 from torch import Tensor
 
-from singlestep.engine.base import Engine, advance_schedule, call_without_grad, set_lrs
+from singlestep import _compat as compat
+from singlestep.engine.base import Engine, advance_schedule, set_lrs
 from singlestep.engine.closed_form import closed_form_for
+from singlestep.fastpaths import FAST
+from singlestep.engine.step import clip_coef, global_norm, take_step
 
 __all__ = ["EagerEngine"]
 
@@ -20,23 +22,17 @@ __all__ = ["EagerEngine"]
 # parameters 5-10% faster with SGD, even with Adam; 38k even with SGD, ~5% slower with Adam.
 _ONE_THREAD_PARAMS = 30_000
 
-# The autograd engine's entry point (what torch.autograd.grad calls): (outputs, grad_outputs,
-# retain_graph, create_graph, inputs, allow_unreachable, accumulate_grad) -> grads of inputs.
-_run_backward = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
-
 
 class EagerEngine(Engine):
-    """Steps executed op by op. Grads come from the autograd engine directly (no ``zero_grad``
-    pass, no per-call argument checks), or for the linear model from its backward's own kernels
-    without a graph (``closed_form``); norms and clipping use the ``_foreach`` kernels, and the
-    optimizer's ``step`` is called past its hook wrapper when no hook or profiler needs it. On an
-    accelerator statistics stay on the device; on the CPU scalars are read per step. Per-sample
-    steps of small models run on one intra-op thread.
+    """Steps executed op by op, each through :func:`singlestep.engine.step.take_step`.
+
+    Grads come from autograd (or, for the linear model, from its backward's own kernels without a
+    graph: ``closed_form``); on an accelerator statistics stay on the device, on the CPU the loss
+    and norm are read once per step and the check, clip and sums are host arithmetic. The fast
+    paths are listed, with their switches, in ``singlestep/fastpaths.py``.
     """
 
     name = "eager"
-    # Per-sample steps the trainer hands over per call: short, so a stop request is seen quickly.
-    max_chunk = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,31 +43,32 @@ class EagerEngine(Engine):
         self._losses: list[Tensor] = []
         self._norms: list[Tensor] = []
         # On the CPU scalars are read per step and summed on the host: loss, norm, max norm.
-        self._host_scalars = self.train.device.type == "cpu"
         self._host_sums = [0.0, 0.0, 0.0]
-        self._bare_step = _unwrapped_step(self.optimizer)
-        self._no_grad_body = _under_no_grad(self._bare_step)
+        host = self.train.device.type == "cpu" and FAST.host_arithmetic
+        self.ops = _HostOps(self) if host else _DeviceOps(self)
+        self._bare_step = compat.bare_step(self.optimizer) if FAST.bare_step else None
+        self._no_grad_body = compat.no_grad_body(self._bare_step)
         self._param_tuple = tuple(self.params)
         # Per-sample steps of a small model run on one thread: their kernels are too small to
         # split, and a second OpenMP thread only spins between them (eager SGD 110 -> 95 us/step).
         small = sum(p.numel() for p in self.params) < _ONE_THREAD_PARAMS
-        self.eager_threads: int | None = 1 if small and self.train.device.type == "cpu" else None
+        self.eager_threads: int | None = 1 if small and self.train.device.type == "cpu" and FAST.one_thread else None
         # A linear model's per-sample loss and grads without the autograd graph (same numbers).
-        self._closed = closed_form_for(self.model, self.loss_fn, self.params)
-        self._all = list(range(len(self.params)))  # the closed form's grads: one per parameter
+        self._closed = closed_form_for(self.model, self.loss_fn, self.params) if FAST.closed_form else None
         self._closed_set_grads = False
 
+    # ------------------------------------------------------------------ statistics
+
     def _flush(self) -> None:
-        if self._host_scalars:
+        stats = self.stats
+        if any(self._host_sums):
             loss_sum, norm_sum, norm_max = self._host_sums
-            stats = self.stats
             stats.loss_sum += loss_sum
             stats.norm_sum += norm_sum
             stats.norm_max.clamp_(min=norm_max)
             self._host_sums = [0.0, 0.0, 0.0]
         if not self._losses:
             return
-        stats = self.stats
         norms = torch.stack(self._norms)
         # float32 sums: a bf16/fp16 model's per-step values summed in their own dtype lose digits
         stats.loss_sum += torch.stack(self._losses).sum(dtype=torch.float32)
@@ -84,112 +81,52 @@ class EagerEngine(Engine):
         self._flush()
         return super().read()
 
-    def _schedule(self) -> None:
-        if self.scheduler is not None:
-            advance_schedule(self.scheduler, self.optimizer, 1)
+    # ------------------------------------------------------------------ the pieces of a step
 
     def _grads(self, loss: Tensor) -> list[Tensor]:
         # A reused grad_outputs saves autograd a ones_like per step.
         one = self._ones.get(loss.dtype)
         if one is None:
             one = self._ones[loss.dtype] = torch.ones((), dtype=loss.dtype, device=loss.device)
-        if _run_backward is not None:
-            # autograd.grad's Python layer (argument normalisation and checks) costs ~20 us a call,
-            # a sixth of a per-sample step; this is the engine call it makes after them.
-            grads = _run_backward((loss,), (one,), False, False, self._param_tuple, True, False)
+        if FAST.direct_backward:
+            grads = compat.grads_of(loss, self._param_tuple, one)
         else:
             grads = torch.autograd.grad(loss, self.params, grad_outputs=one, allow_unused=True)
         if self._used is None:
             self._used = [i for i, g in enumerate(grads) if g is not None]
             if not self._used:
                 raise RuntimeError("the loss does not depend on any trainable parameter")
+            self._used_params = [self.params[i] for i in self._used]
         return [grads[i] for i in self._used]
 
-    def _apply(self, grads: list[Tensor], loss: Tensor, used: list[int]) -> None:
-        """Finite check, clip, optimizer step and scheduler step for one set of grads
-        (``grads[j]`` belongs to parameter ``used[j]``)."""
-        if self._host_scalars:
-            self._apply_host(grads, loss, used)
-            return
-        stats = self.stats
-        norm = _global_norm(grads)  # pre-clip global L2
-        stats.steps += 1
-        # One host read (a sync on CUDA) instead of isfinite's several kernels and a read.
-        if self.check_finite and not math.isfinite(float(norm + loss)):
-            stats.skipped += 1  # the schedule still advances: it counts steps taken, skipped or not
-            return
-        self._losses.append(loss)
-        self._norms.append(norm)
-        if self.clip_grad_value is not None:
-            self._clamp(grads)
-            if self.clip_grad_norm is not None:
-                norm = _global_norm(grads)
-        if self.clip_grad_norm is not None:
-            # Same rule as torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6)).
-            coef = (self.clip_grad_norm / (norm + 1e-6)).clamp_(max=1.0)
-            torch._foreach_mul_(grads, coef)
-        self._step(grads, used)
-
-    def _apply_host(self, grads: list[Tensor], loss: Tensor, used: list[int]) -> None:
-        """``_apply`` for the CPU, where reading a scalar costs less than a kernel launch.
-
-        The loss and the norm are read once per step; the finite check, the clip coefficient and
-        the statistics are then host arithmetic, and a step whose norm is under the clip
-        threshold is not multiplied by 1. The coefficient is computed in the norm's precision
-        with the same roundings as the device expression (``t + 1e-6``, ``reciprocal``,
-        ``* max``), so both paths scale the gradients by the same number.
-        """
-        stats = self.stats
-        norm = _global_norm(grads)  # pre-clip global L2
-        n, value = norm.item(), loss.item()  # host reads, but no sync: CPU kernels run in order
-        stats.steps += 1
-        if self.check_finite and not (math.isfinite(n) and math.isfinite(value)):
-            stats.skipped += 1
-            return
-        self._host_sums[0] += value
-        self._host_sums[1] += n
-        self._host_sums[2] = max(self._host_sums[2], n)
-        if self.clip_grad_value is not None:
-            self._clamp(grads)
-            if self.clip_grad_norm is not None:
-                norm = _global_norm(grads)  # the clamped grads' norm (the half-precision branch uses the tensor)
-                n = norm.item()
-        if self.clip_grad_norm is not None:
-            coef = _clip_coef(self.clip_grad_norm, n, norm.dtype)
-            if coef is None:  # a half-precision norm: the device expression itself
-                torch._foreach_mul_(grads, (self.clip_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
-            elif coef < 1.0:
-                torch._foreach_mul_(grads, coef)
-        self._step(grads, used)
-
-    def _clamp(self, grads: list[Tensor]) -> None:
-        v = self.clip_grad_value
-        torch._foreach_clamp_min_(grads, -v)
-        torch._foreach_clamp_max_(grads, v)
-
-    def _step(self, grads: list[Tensor], used: list[int]) -> None:
-        for i, g in zip(used, grads):
-            self.params[i].grad = g
+    def optimizer_step(self, grads: list[Tensor]) -> None:
+        """``optimizer.step()`` on these grads: one per trainable parameter, or one per parameter
+        that autograd gave a grad (``_grads``)."""
+        params = self.params if len(grads) == len(self.params) else self._used_params
+        for p, g in zip(params, grads):
+            p.grad = g
         opt = self.optimizer
-        # Optimizer.step's wrapper opens a profiler range and runs step hooks: ~10 us per call.
-        # With no hook registered and no profiler running it does nothing else, so call the
-        # method it wraps; otherwise go through it.
-        if self._bare_step is None or _step_hooks_or_profiler(opt):
+        if self._bare_step is None or compat.step_is_observed(opt):
             opt.step()
         elif self._no_grad_body is not None:
             # ``@torch.no_grad()`` builds, enters and leaves a context object per call (~2 us, 3-4%
             # of a per-sample step); all it does is turn grad mode off around the call.
-            call_without_grad(self._no_grad_body, opt)
+            compat.call_without_grad(self._no_grad_body, opt)
         else:
             self._bare_step(opt)
 
+    # ------------------------------------------------------------------ public
+
     def run_samples(self, idx: Tensor) -> None:
-        model, loss_fn = self.model, self.loss_fn
+        rows = advance_schedule(self.scheduler, self.optimizer, len(idx)) if self.scheduler is not None else None
+        self.run_samples_at(idx, rows)
+
+    def run_samples_at(self, idx: Tensor, rows: list[list[float]] | None) -> None:
+        """``run_samples`` with the schedule already advanced: ``rows[i]`` is step i's lr per group
+        (None: no scheduler). The groups' lrs after the call are those the schedule left."""
+        model, loss_fn, rule, ops = self.model, self.loss_fn, self.rule, self.ops
         xs, ys = self.train.get(idx)  # one gather for the whole chunk: [k, ...]
         groups = self.optimizer.param_groups
-        # The schedule for the whole chunk at once (closed form for LambdaLR); each step then
-        # only sets its groups' lr from the table.
-        rows = advance_schedule(self.scheduler, self.optimizer, len(idx)) if self.scheduler is not None else None
         if rows is not None:  # the lrs after the chunk, restored at its end
             final = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
         closed = self._closed if self._closed is not None and self._closed.ready(xs, ys) else None
@@ -208,11 +145,11 @@ class EagerEngine(Engine):
                     set_lrs(groups, rows[i])
                 if closed is not None:
                     loss, grads = closed(x, y)
-                    self._apply(grads, loss, self._all)
                 else:
                     loss = loss_fn(model(x), y)
-                    grads = self._grads(loss)  # sets self._used on the first call
-                    self._apply(grads, loss.detach(), self._used)
+                    grads = self._grads(loss)
+                    loss = loss.detach()
+                take_step(rule, ops, grads, loss)
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
@@ -221,6 +158,17 @@ class EagerEngine(Engine):
         self._flush()
 
     def run_batch(self, micro_batches: list[Tensor]) -> None:
+        self.run_batch_at(micro_batches, None)
+        if self.scheduler is not None:
+            advance_schedule(self.scheduler, self.optimizer, 1)
+
+    def run_batch_at(self, micro_batches: list[Tensor], lrs: list[float] | None) -> None:
+        """One mini-batch step without advancing the schedule; ``lrs``: the step's lr per group
+        (None: the groups' own), the groups' lrs restored after it."""
+        groups = self.optimizer.param_groups
+        if lrs is not None:
+            final = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
+            set_lrs(groups, lrs)
         total = sum(int(mb.shape[0]) for mb in micro_batches)
         grads: list[Tensor] | None = None
         loss_total = None
@@ -234,12 +182,89 @@ class EagerEngine(Engine):
             else:
                 torch._foreach_add_(grads, g)
                 loss_total = loss_total + loss.detach()
-        self._apply(grads, loss_total, self._used)
-        self._schedule()
+        take_step(self.rule, self.ops, grads, loss_total)
+        if lrs is not None:
+            set_lrs(groups, final)
         self._flush()
 
 
-def _clip_coef(max_norm: float, norm: float, dtype: torch.dtype) -> float | None:
+class _DeviceOps:
+    """The step's stages as tensor maths; the finite check is one host read (a sync on CUDA)."""
+
+    def __init__(self, engine: EagerEngine):
+        self.engine = engine
+
+    def norm(self, grads: list[Tensor]) -> Any:
+        return global_norm(grads)
+
+    def finite(self, loss: Tensor, norm: Any) -> bool:
+        # One host read instead of isfinite's several kernels and a read.
+        return math.isfinite(float(norm + loss))
+
+    def record(self, loss: Tensor, norm: Any, ok: Any) -> None:
+        stats = self.engine.stats
+        stats.steps += 1
+        if ok is False:
+            stats.skipped += 1
+            return
+        self.engine._losses.append(loss)
+        self.engine._norms.append(norm)
+
+    def clamp(self, grads: list[Tensor], value: float) -> list[Tensor]:
+        torch._foreach_clamp_min_(grads, -value)
+        torch._foreach_clamp_max_(grads, value)
+        return grads
+
+    def scale_to_norm(self, grads: list[Tensor], max_norm: float, norm: Any) -> list[Tensor]:
+        torch._foreach_mul_(grads, clip_coef(max_norm, norm))
+        return grads
+
+    def update(self, grads: list[Tensor], ok: Any) -> None:
+        self.engine.optimizer_step(grads)
+
+
+class _HostOps(_DeviceOps):
+    """On the CPU, where reading a scalar costs less than a kernel launch: the loss and the norm
+    are read once per step; the finite check, the clip coefficient and the statistics are then
+    host arithmetic, and a step whose norm is under the clip threshold is not multiplied by 1.
+    The coefficient is computed in the norm's precision with the same roundings as the tensor
+    expression (``t + 1e-6``, ``reciprocal``, ``* max``), so both scale by the same number.
+    A norm here is ``(tensor, float)``."""
+
+    _loss: float | None = None
+
+    def norm(self, grads: list[Tensor]) -> Any:
+        t = global_norm(grads)
+        return t, t.item()  # a host read, but no sync: CPU kernels run in order
+
+    def finite(self, loss: Tensor, norm: Any) -> bool:
+        self._loss = loss.item()
+        return math.isfinite(self._loss) and math.isfinite(norm[1])
+
+    def record(self, loss: Tensor, norm: Any, ok: Any) -> None:
+        stats = self.engine.stats
+        stats.steps += 1
+        value, self._loss = (loss.item() if self._loss is None else self._loss), None
+        if ok is False:
+            stats.skipped += 1
+            return
+        sums, n = self.engine._host_sums, norm[1]
+        sums[0] += value
+        sums[1] += n
+        if n > sums[2]:
+            sums[2] = n
+
+    def scale_to_norm(self, grads: list[Tensor], max_norm: float, norm: Any) -> list[Tensor]:
+        t, n = norm
+        coef = _host_clip_coef(max_norm, n, t.dtype)
+        if coef is None:  # a half-precision norm: the tensor expression itself
+            torch._foreach_mul_(grads, clip_coef(max_norm, t))
+        elif coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+        return grads
+
+
+def _host_clip_coef(max_norm: float, norm: float, dtype: torch.dtype) -> float | None:
     """``min(1, max_norm / (norm + 1e-6))`` rounded as tensor maths in ``dtype`` rounds it.
 
     float64 is Python's own float arithmetic. For float32 each operation is done in float64 and
@@ -264,55 +289,3 @@ def _round32(x: float) -> float:
         return _F32.unpack(_F32.pack(x))[0]
     except OverflowError:
         return math.copysign(math.inf, x)
-
-
-def _unwrapped_step(optimizer: torch.optim.Optimizer) -> Any:
-    """The ``step`` that torch.optim's profiling/hook wrapper wraps, or None if not wrapped.
-
-    An instance-level ``step`` is called as it is, except the one every torch LR scheduler puts
-    there (``_wrapped_by_lr_sched``), which only records ``optimizer._opt_called = True`` for the
-    scheduler's call-order warning: that flag is set here once, and the class's step is used.
-    """
-    own = vars(optimizer).get("step")
-    if own is not None:
-        if not (getattr(own, "_wrapped_by_lr_sched", False) and getattr(own, "__wrapped__", None) is type(optimizer).step):
-            return None  # the user's own override: call what the user put there
-        optimizer._opt_called = True
-    step = type(optimizer).step
-    if not getattr(step, "hooked", False):
-        return None
-    return getattr(step, "__wrapped__", None)
-
-
-def _under_no_grad(fn: Any) -> Any:
-    """The function that ``@torch.no_grad()`` decorates in ``fn``, or None if ``fn`` is not that.
-
-    Recognised by the decorator's own code object and its context factory being the ``clone`` of
-    a ``torch.no_grad`` instance, so any other decorator (a user's own, ``enable_grad``,
-    ``inference_mode``) is left in place.
-    """
-    if _NO_GRAD_CODE is None or getattr(fn, "__code__", None) is not _NO_GRAD_CODE or not fn.__closure__:
-        return None
-    cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
-    factory, body = cells.get("ctx_factory"), cells.get("func")
-    if type(getattr(factory, "__self__", None)) is not torch.no_grad or not callable(body):
-        return None
-    return body
-
-
-_NO_GRAD_CODE = getattr(torch.no_grad()(lambda: None), "__code__", None)
-
-
-def _step_hooks_or_profiler(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(
-        optimizer._optimizer_step_pre_hooks
-        or optimizer._optimizer_step_post_hooks
-        or _optim_module._global_optimizer_pre_hooks
-        or _optim_module._global_optimizer_post_hooks
-        or torch.autograd._profiler_enabled()
-    )
-
-
-def _global_norm(grads: list[Tensor]) -> Tensor:
-    """The L2 norm of all gradients together (``clip_grad_norm_``'s norm)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from singlestep import _compat as compat
+from singlestep.fastpaths import FAST
+
 __all__: list[str] = []
 
 
@@ -37,7 +40,9 @@ def _fused_cpu_ok(*tensor_lists: list[Tensor], lr: float | Tensor = 0.0) -> bool
     formula and would update them silently) nor with a tensor lr on another device.
     """
     first = tensor_lists[0][0] if tensor_lists and tensor_lists[0] else None  # the params
-    if first is None or first.dtype not in _FUSED_DTYPES or torch.is_grad_enabled() or not _host_scalars_ok(()):
+    if not FAST.fused_kernels or first is None or first.dtype not in _FUSED_DTYPES or torch.is_grad_enabled():
+        return False
+    if not _host_scalars_ok(()):
         return False
     if isinstance(lr, Tensor) and not lr.is_cpu:
         return False
@@ -57,26 +62,8 @@ def _host_scalars_ok(tensors: list[Tensor]) -> bool:
     """True when small per-step values (step counts) may be read on the host and used as numbers.
 
     That is: CPU tensors (reading one costs less than the several tiny tensor ops it replaces, and
-    there is no device to wait for), in plain execution: not inside ``torch.compile`` or
-    ``torch.jit.trace``, with no dispatch mode active (``make_fx``/export tracing, fake tensors,
-    also pre-dispatch) and no ``torch.func`` transform, where a read would fail or freeze the
-    value into a graph. Elsewhere, or where this torch lacks the checks, the caller keeps its
-    tensor maths.
+    there is no device to wait for), in plain execution, where nothing traces the step
+    (``singlestep._compat.not_traced``: a read would fail or freeze the value into a graph).
+    Elsewhere the caller keeps its tensor maths.
     """
-    return (
-        _CHECKS_AVAILABLE
-        and not torch.compiler.is_compiling()
-        and _dispatch_depth() == 0
-        and _pre_dispatch_depth() == 0
-        and _transforms() is None
-        and _jit_tracing() is None
-        and all(t.device.type == "cpu" for t in tensors)
-    )
-
-
-# Private torch checks behind _host_scalars_ok (None where this torch lacks them).
-_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
-_pre_dispatch_depth = getattr(torch._ops, "_len_torch_dispatch_stack_pre_dispatch", None)
-_transforms = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-_jit_tracing = getattr(torch._C, "_get_tracing_state", None)
-_CHECKS_AVAILABLE = None not in (_dispatch_depth, _pre_dispatch_depth, _transforms, _jit_tracing)
+    return compat.not_traced() and all(t.device.type == "cpu" for t in tensors)

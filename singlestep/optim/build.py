@@ -12,16 +12,15 @@ config error, so a typo in a group never passes silently.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import fnmatch
 import inspect
-import sys
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from singlestep import _compat as compat
 from singlestep.errors import ConfigError
 
 __all__ = ["build_optimizer", "group_keys", "group_parameters", "is_no_decay"]
@@ -159,39 +158,9 @@ def build_optimizer(
     if not groups:
         raise ConfigError("the model has no trainable parameters")
     try:
-        with _dynamo_import_deferred():
+        with compat.dynamo_import_deferred():
             optimizer = cls(groups, **kwargs)
     except (ValueError, TypeError) as exc:
         # torch.optim validates hyper-parameters in __init__ ("Invalid learning rate: -1").
         raise ConfigError(f"optimizer: {exc}") from None
     return optimizer, counts
-
-
-@contextlib.contextmanager
-def _dynamo_import_deferred() -> Iterator[None]:
-    """Build an optimizer without importing ``torch._dynamo`` (~1 s of every run's start-up).
-
-    ``Optimizer.add_param_group`` is wrapped by ``torch._disable_dynamo``, which imports
-    ``torch._dynamo`` on its first call to learn how to hide the method from the compiler, then
-    caches that answer on the method as ``__dynamo_disable``. While the compiler is not even
-    loaded there is nothing to hide from, so for the constructor's duration the cached answer is
-    "call the method as is" (or, once something has loaded the compiler, torch's own answer),
-    and afterwards the attribute is removed so torch decides as usual. A torch without that
-    mechanism ignores the attribute.
-    """
-    raw = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__", None)
-    if raw is None or hasattr(raw, "__dynamo_disable"):
-        yield
-        return
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if "torch._dynamo" not in sys.modules:
-            return raw(*args, **kwargs)
-        return torch._dynamo.disable(raw, recursive=True, wrapping=False)(*args, **kwargs)
-
-    raw.__dynamo_disable = call
-    try:
-        yield
-    finally:
-        if getattr(raw, "__dynamo_disable", None) is call:
-            del raw.__dynamo_disable
