@@ -9,9 +9,8 @@ wrong. A failed probe logs one line (logger ``singlestep.compat``) the first tim
 paths on purpose; ``PROBES`` lists the names. ``torch._foreach_*`` and ``torch._fused_*``, which
 torch.optim itself calls, are used where they are and are not listed here.
 
-The compiled engine itself is built on torch's ahead-of-time stack (``make_fx``, ``torch.export``,
-AOTInductor): without it there is no compiled engine, only the eager one; ``compiler_missing()``
-says why, and the engine falls back to eager with that reason.
+The compiled engine is built on torch's ahead-of-time stack (``make_fx``, ``torch.export``,
+AOTInductor); where that fails, it falls back to eager with the error as its reason.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["PROBES", "enabled", "compiler_missing"]
+__all__ = ["PROBES", "enabled", "probes_off"]
 
 _log = logging.getLogger("singlestep.compat")
 
@@ -343,24 +342,6 @@ def dynamo_import_deferred() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- the compiler
-
-
-def compiler_missing() -> str | None:
-    """Why the compiled engine cannot run on this torch, or None when it can."""
-    try:
-        from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401
-        from torch._higher_order_ops.scan import scan  # noqa: F401
-        import importlib
-
-        importlib.import_module("torch._inductor")
-    except ImportError as exc:
-        return f"torch {torch.__version__} lacks what the compiled engine is built on ({exc})"
-    for name in ("aoti_compile_and_package", "aoti_load_package"):
-        if not hasattr(torch._inductor, name):
-            return f"torch {torch.__version__} has no torch._inductor.{name}; the compiled engine needs torch >= 2.8"
-    if not hasattr(torch, "export"):
-        return f"torch {torch.__version__} has no torch.export"
-    return None
 
 
 def make_fx(fn: Callable[..., Any], decomposition_table: dict) -> Callable[..., torch.fx.GraphModule]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from singlestep.data.base import TensorSplit
 from singlestep.engine import CompiledEngine, EagerEngine
-from singlestep.engine import compiled as compiled_module
+from singlestep.engine import _aoti, _cache, _trace
 from singlestep import _compat as compat
 from singlestep.losses import loss_for
 from singlestep.optim import SGD, Adam
@@ -194,6 +194,11 @@ def test_non_finite_sample_is_masked_in_compiled_chunk():
     assert all(torch.isfinite(v).all() for s in engine.optimizer.state.values() for v in s.values())
 
 
+def _recipe(engine: CompiledEngine) -> str:
+    return _cache.recipe_key((32, 1, 1), (), model=engine.model, optimizer=engine.optimizer, params=engine.params,
+                             train=engine.train, loss_fn=engine.loss_fn, rule=engine.rule, configs={})  # fmt: skip
+
+
 def test_second_build_loads_the_cached_package(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
@@ -204,13 +209,13 @@ def test_second_build_loads_the_cached_package(tmp_path, monkeypatch):
     assert first.fallback_reason is None and not first.cache_hit
     assert counters["stats"]["unique_graphs"] == graphs  # the chunk's scan is exported without Dynamo
     # Inductor's check of the CPU's vector ISAs is remembered once it passed them all.
-    record = compiled_module._vec_isa_record()
+    record = _cache.vec_isa_record()
     assert record is None or record.exists() == compat.vec_isas_all_passed()
     assert len(list((tmp_path / "compiled").glob("chunk-*.pt2"))) == 1
     assert len(list((tmp_path / "compiled").glob("recipe-*.txt"))) == 1
     second = make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9))
     # The recipe names the package: the second build neither traces nor compiles.
-    monkeypatch.setattr(CompiledEngine, "_trace_step", lambda *a: pytest.fail("traced despite a known recipe"))
+    monkeypatch.setattr(_trace, "trace_step", lambda *a: pytest.fail("traced despite a known recipe"))
     second.run_samples(torch.arange(100))
     assert second.cache_hit and second.fallback_reason is None
     monkeypatch.undo()
@@ -223,9 +228,8 @@ def test_second_build_loads_the_cached_package(tmp_path, monkeypatch):
     assert not third.cache_hit
     # A different base lr is the same graph (lrs are an input): same recipe, no compile.
     fourth = make(CompiledEngine, lambda p: SGD(p, lr=0.01, momentum=0.9))
-    assert fourth._recipe_key((32, 1, 1), ()) == first._recipe_key((32, 1, 1), ())
-    assert make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9), clip_grad_norm=1.0)._recipe_key(
-        (32, 1, 1), ()) != first._recipe_key((32, 1, 1), ())  # fmt: skip
+    assert _recipe(fourth) == _recipe(first)
+    assert _recipe(make(CompiledEngine, lambda p: SGD(p, lr=0.05, momentum=0.9), clip_grad_norm=1.0)) != _recipe(first)
 
 
 def test_recipe_naming_a_missing_package_traces_again(tmp_path, monkeypatch):
@@ -263,7 +267,7 @@ def test_minibatch_linear_layers_compile_as_mm_plus_a_fusable_bias_add(monkeypat
     """A non-tiny ``addmm`` reaches Inductor's lowering as ``mm`` + ``add``, with eager's numbers."""
     monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))  # compile here, not load a cached package
     seen = []
-    real = compiled_module._UnfusedBias.__call__
+    real = _aoti._UnfusedBias.__call__
 
     def spy(self, graph):
         count = lambda: len(graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default))
@@ -271,7 +275,7 @@ def test_minibatch_linear_layers_compile_as_mm_plus_a_fusable_bias_add(monkeypat
         real(self, graph)
         seen.append((before, count()))
 
-    monkeypatch.setattr(compiled_module._UnfusedBias, "__call__", spy)
+    monkeypatch.setattr(_aoti._UnfusedBias, "__call__", spy)
     mlp = lambda: nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))  # 64x20x64: not tiny
     shape = {"batch_shape": (1, 64)}
     eager = make(EagerEngine, lambda p: Adam(p, lr=1e-2), model_factory=mlp, clip_grad_norm=0.5)
@@ -293,7 +297,7 @@ def test_unfused_bias_pass_only_for_full_precision_cpu_addmm(dtype, device):
     g = torch.Generator().manual_seed(0)
     bias, x, w = (torch.randn(s, generator=g).to(dtype) for s in ((64,), (32, 48), (48, 64)))
     gm = make_fx(lambda b, x, w: torch.ops.aten.addmm(b, x, w))(*(t.to(device) for t in (bias, x, w)))
-    compiled_module._UNFUSED_BIAS(gm.graph)
+    _aoti.UNFUSED_BIAS(gm.graph)
     gm.recompile()
     left = len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.addmm.default))
     assert left == (0 if (dtype, device) == (torch.float32, "cpu") else 1)  # bf16: mm would round first
@@ -393,7 +397,7 @@ FOREACH_CALLS = [
 @pytest.mark.parametrize("name,make,kwargs", FOREACH_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(FOREACH_CALLS)])
 def test_foreach_decompositions_match_foreach_ops(name, make, kwargs):
     """The compiled trace spells ``_foreach`` ops out per tensor; both must give the same numbers."""
-    from singlestep.engine.compiled import _foreach_decompositions
+    from singlestep.engine._trace import _foreach_decompositions
 
     table = _foreach_decompositions()
 
@@ -440,11 +444,11 @@ def test_auto_times_several_eager_chunks_and_keeps_the_fastest(tmp_path, monkeyp
             clock[0] += next(seconds)
         calls.append(len(idx))
 
-    monkeypatch.setattr(compiled_module.EagerEngine, "run_samples", fake_eager)
+    monkeypatch.setattr(EagerEngine, "run_samples", fake_eager)
     engine = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=160)
     engine.run_samples(torch.arange(32 * 5))
     assert calls == [32] * 5  # a warm-up chunk, then four timed ones
-    assert engine._eager_step_seconds[(32, 1, 1)] == pytest.approx(0.3 / 32)
+    assert engine.policy.eager_step_seconds[(32, 1, 1)] == pytest.approx(0.3 / 32)
     assert engine.choice == "eager"  # 160 steps repay nothing
 
 
@@ -457,7 +461,7 @@ def test_auto_compiles_only_when_the_steps_left_repay_it(tmp_path, monkeypatch):
         for run in runs:
             run()
             self.steps_done += steps
-        self._eager_step_seconds[shape] = 200e-6
+        self.policy.eager_step_seconds[shape] = 200e-6
 
     monkeypatch.setattr(CompiledEngine, "_timed_eager", fixed_timing)
     lines: list[str] = []
@@ -473,7 +477,7 @@ def test_auto_compiles_only_when_the_steps_left_repay_it(tmp_path, monkeypatch):
     lines.clear()
     mid = make(CompiledEngine, lambda p: SGD(p, lr=0.05), auto=True, total_steps=40_000, log=lines.append)
     with monkeypatch.context() as m:
-        m.setattr(CompiledEngine, "_trace_step", lambda *a, **k: pytest.fail("traced the step"))
+        m.setattr(_trace, "trace_step", lambda *a, **k: pytest.fail("traced the step"))
         mid.run_samples(torch.arange(1000))
     assert mid.choice == "eager" and mid.fallback_reason is None
     assert any("no cached package" in line and "would not pay off" in line for line in lines)

@@ -1,9 +1,9 @@
 """Step engines: how one optimizer step, or a chunk of per-sample steps, executes.
 
 The trainer owns the loop (order, boundaries, logging, evaluation); an engine owns the arithmetic
-of a step. Every engine keeps the same contract (DESIGN.md): forward, loss, grads, finite check,
-clip, ``optimizer.step()``, ``scheduler.step()``, and accumulates its loss / grad-norm statistics
-on the device until :meth:`Engine.read` is called.
+of a step. Every engine runs the one step definition, ``step.take_step`` (grad transforms, norm,
+finite check, clip, ``optimizer.step()``, statistics kept on the device until
+:meth:`Engine.read`); docs/architecture.md maps the files.
 """
 
 from typing import Callable

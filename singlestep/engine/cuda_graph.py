@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from singlestep.engine import _trace
 from singlestep.engine.compiled import CompiledEngine
 from singlestep.errors import ConfigError
 
@@ -41,13 +42,15 @@ class CudaGraphEngine(CompiledEngine):
 
     def _build(self, shape: tuple[int, int, int]) -> Any:
         run = super()._build(shape)
+        if run is None:
+            return None
         k, micro, rows = shape
         device = self.train.device
         n_groups = len(self.optimizer.param_groups)
         static_idx = torch.zeros(k, micro, rows, dtype=torch.long, device=device)
         static_lrs = torch.zeros(k, n_groups, device=device)
         stats = self.stats
-        state = [*self._flat(self._state_keys), stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped]
+        state = [*_trace.flat_tensors(self.optimizer, self.params, self._state_keys), stats.loss_sum, stats.norm_sum, stats.norm_max, stats.skipped]
         backup = [t.clone() for t in state]
         # Warm up on a side stream (allocator and lazy initialisation must not happen during
         # capture), then capture; both run real steps, so everything they touch is restored.

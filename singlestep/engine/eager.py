@@ -59,7 +59,8 @@ class EagerEngine(Engine):
 
     # ------------------------------------------------------------------ statistics
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Move the statistics gathered per step into ``stats`` (what a compiled chunk adds to)."""
         stats = self.stats
         if any(self._host_sums):
             loss_sum, norm_sum, norm_max = self._host_sums
@@ -78,7 +79,7 @@ class EagerEngine(Engine):
         self._norms.clear()
 
     def read(self) -> dict[str, float]:
-        self._flush()
+        self.flush()
         return super().read()
 
     # ------------------------------------------------------------------ the pieces of a step
@@ -155,7 +156,7 @@ class EagerEngine(Engine):
                 torch.set_num_threads(threads)
         if rows is not None:
             set_lrs(groups, final)
-        self._flush()
+        self.flush()
 
     def run_batch(self, micro_batches: list[Tensor]) -> None:
         self.run_batch_at(micro_batches, None)
@@ -185,7 +186,7 @@ class EagerEngine(Engine):
         take_step(self.rule, self.ops, grads, loss_total)
         if lrs is not None:
             set_lrs(groups, final)
-        self._flush()
+        self.flush()
 
 
 class _DeviceOps:
