@@ -52,8 +52,10 @@ def _clean(value: Any) -> Any:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write via a temporary file and rename, so a crash never leaves half a file and a concurrent
+    reader (another run sharing the compiled-package cache) sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

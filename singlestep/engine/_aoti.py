@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from singlestep import _compat as compat
-from singlestep.engine._cache import cache_dir, vec_isa_record, write_atomic
+from singlestep.engine._cache import cache_dir, vec_isa_record
+from singlestep.runlog import write_atomic
 
 __all__ = ["UNFUSED_BIAS", "compile_package", "inductor_configs", "load_chunk"]
 

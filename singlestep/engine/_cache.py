@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from singlestep import _compat as compat
 from singlestep.engine.step import StepRule
 
-__all__ = ["cache_dir", "graph_key", "recipe_key", "recipe_target", "vec_isa_record", "write_atomic"]
+__all__ = ["cache_dir", "graph_key", "recipe_key", "recipe_target", "vec_isa_record"]
 
 # Bump when the chunk's structure changes, so stale cached packages are never loaded.
 _FORMAT = "singlestep-chunk-v3"
@@ -96,14 +96,6 @@ def recipe_target(recipe: Path) -> Path | None:
         return None
     path = recipe.parent / name
     return path if name.startswith("chunk-") and name.endswith(".pt2") and path.exists() else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that a concurrent reader sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def vec_isa_record() -> Path | None:

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from singlestep.engine import _trace
 from singlestep.engine._aoti import compile_package, inductor_configs, load_chunk
-from singlestep.engine._cache import cache_dir, graph_key, recipe_key, recipe_target, write_atomic
+from singlestep.engine._cache import cache_dir, graph_key, recipe_key, recipe_target
+from singlestep.runlog import write_atomic
 from singlestep.engine._trace import CompileUnsupported
 from singlestep.engine.base import Engine, advance_schedule
 from singlestep.engine.eager import EagerEngine
