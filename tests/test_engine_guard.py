@@ -101,7 +101,8 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["compiled", "auto"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_untraceable_or_frozen_optimizer_matches_eager_or_says_why(case, kind):
+def test_untraceable_or_frozen_optimizer_matches_eager_or_says_why(case, kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
     cls, cause = CASES[case]
     order = torch.randperm(1200, generator=torch.Generator().manual_seed(1))[:1000]
     eager = _engine("eager", cls)
@@ -115,6 +116,28 @@ def test_untraceable_or_frozen_optimizer_matches_eager_or_says_why(case, kind):
     assert getattr(engine.optimizer, "n", 0) == getattr(eager.optimizer, "n", 0)
     assert engine.optimizer.param_groups[0].get("step") == eager.optimizer.param_groups[0].get("step")
     assert engine.read()["steps"] == eager.read()["steps"] == 1000
+    assert not list(tmp_path.glob("compiled/chunk-*.pt2"))  # each is known before a compile
+
+
+def test_python_value_changed_by_step_is_caught_by_the_first_chunk_check(monkeypatch):
+    """Where the step was not traced in this process (a package found by its recipe), the first
+    chunk's check still sees the Python step count that the package cannot advance."""
+    engine = _engine("compiled", GroupCounterSGD)
+
+    def package_that_matches_numerically(shape):  # runs the steps eagerly, but not their Python
+        def run(idx, lrs):
+            saved = [dict(g) for g in engine.optimizer.param_groups]
+            with torch.enable_grad():
+                engine.eager.run_samples_at(idx.reshape(-1), None)
+            for group, old in zip(engine.optimizer.param_groups, saved):
+                group["step"] = old["step"]
+
+        return run
+
+    monkeypatch.setattr(engine, "_build", package_that_matches_numerically)
+    with pytest.warns(UserWarning, match=r"param_groups\[0\]\['step'\] \(compiled 160, eager 192\)"):
+        engine.run_samples(torch.arange(32 * 7))
+    assert engine.optimizer.param_groups[0]["step"] == 32 * 7 and engine.fallback_reason
 
 
 @pytest.mark.slow

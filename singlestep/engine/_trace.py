@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from singlestep import _compat as compat
 from singlestep.engine.step import StepRule, clip_coef, global_norm, take_step
 
-__all__ = ["CompileUnsupported", "check_supported", "explain", "flat_names", "flat_tensors", "python_changes",
+__all__ = ["CompileUnsupported", "check_supported", "explain", "flat_names", "flat_tensors", "frozen_reason", "python_changes",
            "python_state", "restore_python_state", "state_keys", "trace_step"]  # fmt: skip
 
 # A matmul with at most this many multiply-adds is traced as a broadcast multiply and a sum.
@@ -151,8 +151,11 @@ def trace_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], op
         with torch.no_grad():
             table = {**_foreach_decompositions(), **_tiny_matmul_decompositions()}
             graph = compat.make_fx(step, table)(flat, (x0, y0, lr0))
+        changed = python_changes(saved, python_state(optimizer))
     finally:  # tracing ran step() once: what it changed in Python must not count as a step
         restore_python_state(optimizer, saved)
+    if changed:  # known now, before a compile: the first chunk's check would find it too
+        raise CompileUnsupported(frozen_reason(changed[0]))
     _strip_profiler(graph)
     return graph, flat, keys
 
@@ -252,17 +255,24 @@ def restore_python_state(opt: torch.optim.Optimizer, saved: tuple[list[dict[str,
     vars(opt).update(saved[1])
 
 
-def python_changes(before: tuple, after: tuple) -> list[str]:
-    """Descriptions of the plain Python values that differ between two :func:`python_state` readings."""
+def python_changes(before: tuple, after: tuple, how: str = "{} -> {}") -> list[str]:
+    """Descriptions of the plain Python values that differ between two :func:`python_state`
+    readings, each value pair written with ``how``."""
     changes = []
     for gi, (b, a) in enumerate(zip(before[0], after[0])):
         for k in sorted(set(b) | set(a)):
             if b.get(k) != a.get(k):
-                changes.append(f"param_groups[{gi}]['{k}'] ({b.get(k)!r} -> {a.get(k)!r})")
+                changes.append(f"param_groups[{gi}]['{k}'] ({how.format(repr(b.get(k)), repr(a.get(k)))})")
     for k in sorted(set(before[1]) | set(after[1])):
         if before[1].get(k) != after[1].get(k):
-            changes.append(f"optimizer.{k} ({before[1].get(k)!r} -> {after[1].get(k)!r})")
+            changes.append(f"optimizer.{k} ({how.format(repr(before[1].get(k)), repr(after[1].get(k)))})")
     return changes
+
+
+def frozen_reason(change: str) -> str:
+    """The fall-back reason for a Python value that ``step()`` changes every step."""
+    return (f"step() changes {change} in Python, which a compiled step would freeze at its traced value; "
+            "keep values that change per step in optimizer state tensors")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- failures

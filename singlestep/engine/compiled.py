@@ -216,10 +216,9 @@ class CompiledEngine(Engine):
         else:
             self.eager.run_batch_at(samples, lr_rows[0])
         self.steps_done += k
-        problem = _trace.python_changes(python_compiled, _trace.python_state(opt))
+        problem = _trace.python_changes(python_compiled, _trace.python_state(opt), how="compiled {}, eager {}")
         if problem:
-            self._fallback(f"step() changes {problem[0]} in Python, which a compiled step would freeze at its "
-                           "traced value; keep values that change per step in optimizer state tensors")  # fmt: skip
+            self._fallback(_trace.frozen_reason(problem[0]))
             return
         eager = _trace.flat_tensors(opt, self.params, keys)
         for what, c, e in zip(_trace.flat_names(len(self.params), keys), compiled, eager):
