@@ -3,7 +3,7 @@
 Every problem in a config is collected and reported at once, each naming its source (the file,
 or the override that set it) and its key path, with a did-you-mean suggestion for unknown keys.
 Component nodes (``model``, ``data``, ``optimizer``, ``scheduler``) are ``name:`` plus keyword
-arguments, checked against the builder's signature before anything is built.
+arguments, checked against the builder's signature (``singlestep.signature``) before anything is built.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import dataclasses
 import difflib
 import inspect
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 
 from singlestep.errors import ConfigError, UserError
 from singlestep.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, Registry, load_builtins
+from singlestep.signature import builder_kwargs, builder_params, check_type, describe
 
 __all__ = [
     "Config",
@@ -121,7 +121,6 @@ COMPONENTS: dict[str, tuple[Registry, int]] = {
     "scheduler": (SCHEDULERS, 2),  # optimizer, total_steps
 }
 OPTIMIZER_RESERVED = {"param_groups": list, "no_decay": bool}
-_SKIP_PARAMS = {"self", "foreach", "differentiable", "fused", "capturable"}
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -197,114 +196,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any, str]], 
         origins[".".join(parts)] = f"override '{text}'"
 
 
-# ----------------------------------------------------------------------------- type checking
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is inspect.Parameter.empty or tp is Any:
-        return "any value"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (list, tuple, typing.Sequence, __import__("collections.abc").abc.Sequence):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        inner = " or ".join(sorted({_describe(a) for a in args})) if args else "values"
-        return f"a list of {inner}"
-    if tp is type(None):
-        return "null"
-    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string", dict: "a mapping"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def check_type(value: Any, tp: Any) -> bool:
-    """Whether a YAML value fits an annotation; unknown annotations accept anything."""
-    if tp is inspect.Parameter.empty or tp is Any:
-        return True
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(check_type(value, a) for a in args)
-    if origin is Literal:
-        return value in args
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp in (bool, str):
-        return isinstance(value, tp)
-    if tp in (dict,) or origin is dict:
-        return isinstance(value, dict)
-    if tp in (list, tuple) or origin in (list, tuple) or (origin and getattr(origin, "__name__", "") in ("Sequence", "Iterable")):
-        if not isinstance(value, (list, tuple)):
-            return False
-        inner = [a for a in args if a is not Ellipsis]
-        if origin is tuple and args and Ellipsis not in args:
-            return len(value) == len(args) and all(check_type(v, a) for v, a in zip(value, args))
-        return all(any(check_type(v, a) for a in inner) for v in value) if inner else True
-    if isinstance(tp, type):
-        if tp.__module__.startswith("torch") and tp.__name__ == "Tensor":
-            return False  # YAML cannot produce a tensor; a union with float still matches
-        return isinstance(value, tp)
-    return True
-
-
-def _annotation_of(param: inspect.Parameter, hints: dict[str, Any]) -> Any:
-    tp = hints.get(param.name, param.annotation)
-    if isinstance(tp, str):
-        tp = inspect.Parameter.empty  # unresolvable string annotation: accept
-    if tp is inspect.Parameter.empty and param.default is not inspect.Parameter.empty:
-        default = param.default
-        if isinstance(default, bool):
-            return bool
-        if isinstance(default, float):
-            return float
-        if isinstance(default, int):
-            return int
-        if isinstance(default, str):
-            return str
-    return tp
-
-
-def builder_params(builder: Callable, n_runtime: int) -> list[tuple[inspect.Parameter, Any]]:
-    """The config-settable parameters of a builder or class: those after its runtime arguments."""
-    target = builder.__init__ if isinstance(builder, type) else builder
-    sig = inspect.signature(target)
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # annotations naming things that cannot be imported: check no types
-        hints = {}
-    params = [p for p in sig.parameters.values() if p.name != "self"]
-    settable = []
-    for i, p in enumerate(params):
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in _SKIP_PARAMS:
-            continue
-        if i < n_runtime and p.kind is not p.KEYWORD_ONLY:
-            continue
-        settable.append((p, _annotation_of(p, hints)))
-    return settable
-
-
-def builder_kwargs(builder: Callable, n_runtime: int, given: dict[str, Any]) -> dict[str, Any]:
-    """The resolved keyword arguments: given values plus the YAML-representable defaults."""
-    out: dict[str, Any] = {}
-    for p, _ in builder_params(builder, n_runtime):
-        if p.name in given:
-            out[p.name] = given[p.name]
-        elif p.default is not inspect.Parameter.empty and _plain(p.default):
-            out[p.name] = list(p.default) if isinstance(p.default, tuple) else p.default
-    return out
-
-
-def _plain(v: Any) -> bool:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    return isinstance(v, (list, tuple)) and all(_plain(x) for x in v)
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -339,7 +230,7 @@ def _check_section(raw: Any, cls: type, key: str, problems: _Problems) -> Any:
         if k not in hints:
             problems.add(path, f"unknown key '{k}'{_suggest(str(k), names)}")
         elif not check_type(v, hints[k]):
-            problems.add(path, f"expected {_describe(hints[k])}, got {v!r}")
+            problems.add(path, f"expected {describe(hints[k])}, got {v!r}")
         else:
             ok[k] = float(v) if hints[k] in (float, float | None) and isinstance(v, int) else v
     return cls(**ok)
@@ -369,20 +260,28 @@ def _check_component(raw: Any, key: str, problems: _Problems, required: bool) ->
     if key == "optimizer":
         for reserved, tp in OPTIMIZER_RESERVED.items():
             if reserved in kwargs and not isinstance(kwargs[reserved], tp):
-                problems.add(f"{key}.{reserved}", f"expected {_describe(tp)}, got {kwargs[reserved]!r}")
+                problems.add(f"{key}.{reserved}", f"expected {describe(tp)}, got {kwargs[reserved]!r}")
+    # Loaded with the built-in optimizers already; importing it at the top would load torch
+    # before a missing config file could be reported.
+    from singlestep.optim.flags import TORCH_FLAGS, flag_value_problem, missing_flag_problem
+
     settable = builder_params(builder, n_runtime)
     by_name = {p.name: (p, tp) for p, tp in settable}
     for k, v in kwargs.items():
         path = f"{key}.{k}"
         if key == "optimizer" and k in OPTIMIZER_RESERVED:
             continue
+        flag = key == "optimizer" and k in TORCH_FLAGS
         if k not in by_name:
             options = list(by_name) + (list(OPTIMIZER_RESERVED) if key == "optimizer" else [])
-            problems.add(path, f"unknown key '{k}' for {registry.kind} '{name}'{_suggest(str(k), options)}")
+            unknown = f"unknown key '{k}' for {registry.kind} '{name}'{_suggest(str(k), options)}"
+            problems.add(path, missing_flag_problem(builder, name, k) if flag else unknown)
             continue
         tp = by_name[k][1]
         if not check_type(v, tp):
-            problems.add(path, f"expected {_describe(tp)}, got {v!r}")
+            problems.add(path, f"expected {describe(tp)}, got {v!r}")
+        elif flag and flag_value_problem(k, v):
+            problems.add(path, flag_value_problem(k, v))
     for p, _ in settable:
         if p.default is inspect.Parameter.empty and p.name not in kwargs:
             problems.add(f"{key}.{p.name}", f"required by {registry.kind} '{name}' but not given")

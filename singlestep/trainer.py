@@ -8,12 +8,13 @@ shuffle RNG) lives in :class:`LoopState`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 import torch
 
@@ -190,6 +191,8 @@ class Trainer:
             f"decay, {self.decay_counts['no_decay']} do not | {t.mode}, {self.total_steps:,} steps, "
             f"engine {t.engine}, device {self.device}"
         )
+        # Schedule-free optimizers start in eval mode and refuse to step in it.
+        self._optimizer_mode("train")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = Progress(self.total_steps, t.progress)
         start = time.perf_counter()
@@ -201,15 +204,15 @@ class Trainer:
                 signal.signal(s, h)
         train_seconds = time.perf_counter() - start
 
-        self._eval_mode(True)
-        final = {split: evaluate(self.model, s, meta.task, num_classes=meta.num_classes, batch_size=t.eval_batch_size)
-                 for split, s in self.data.splits().items()}  # fmt: skip
-        for split, metrics in final.items():
-            run.log({"event": "eval", "step": self.state.step, "epoch": self._epoch_float(), "split": split,
-                     **{k: v for k, v in metrics.items() if k != "confusion"}})  # fmt: skip
-        if cfg.output.save_model:
-            torch.save(self.model.state_dict(), self.run_dir / "model.pt")
-        self._eval_mode(False)
+        with self._evaluating():  # the weights evaluated and saved are the optimizer's eval-mode ones
+            final = {split: evaluate(self.model, s, meta.task, num_classes=meta.num_classes,
+                                     batch_size=t.eval_batch_size)
+                     for split, s in self.data.splits().items()}  # fmt: skip
+            for split, metrics in final.items():
+                run.log({"event": "eval", "step": self.state.step, "epoch": self._epoch_float(), "split": split,
+                         **{k: v for k, v in metrics.items() if k != "confusion"}})  # fmt: skip
+            if cfg.output.save_model:
+                torch.save(self.model.state_dict(), self.run_dir / "model.pt")
         final["train"] = {"loss": self.last_train_loss}
         summary = {
             "name": cfg.name,
@@ -304,21 +307,38 @@ class Trainer:
             sps = event["samples_per_second"] or 0.0
             self._print(f"step {self.state.step:>8,} | epoch {event['epoch']:.2f} | {text} | {sps:,.0f} samples/s")
 
-    def _eval_mode(self, on: bool) -> None:
-        """Schedule-free style optimizers keep separate train / eval weights; switch them."""
-        method = getattr(self.optimizer, "eval" if on else "train", None)
+    def _optimizer_mode(self, mode: str) -> None:
+        """Call the optimizer's ``train()`` or ``eval()``, when it has one.
+
+        Schedule-free optimizers hold the gradient point in the parameters while training and
+        the averaged point, the one to evaluate and save, in eval mode; ``schedulefree``'s own
+        classes start in eval mode and raise in ``step()`` unless put in train mode first.
+        Optimizers without these methods (torch.optim's) are left alone.
+
+        Args:
+            mode: ``"train"`` or ``"eval"``.
+        """
+        method = getattr(self.optimizer, mode, None)
         if callable(method):
             method()
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """The optimizer in eval mode for the block, back in train mode after it (even on an error)."""
+        self._optimizer_mode("eval")
+        try:
+            yield
+        finally:
+            self._optimizer_mode("train")
 
     def _evaluate_val(self, run: RunDir) -> None:
         split = self.data.val
         if split is None:
             return
-        self._eval_mode(True)
         meta = self.data.meta
-        metrics = evaluate(self.model, split, meta.task, num_classes=meta.num_classes,
-                           batch_size=self.cfg.trainer.eval_batch_size)  # fmt: skip
-        self._eval_mode(False)
+        with self._evaluating():
+            metrics = evaluate(self.model, split, meta.task, num_classes=meta.num_classes,
+                               batch_size=self.cfg.trainer.eval_batch_size)  # fmt: skip
         metrics.pop("confusion", None)
         run.log({"event": "eval", "step": self.state.step, "epoch": round(self._epoch_float(), 6), "split": "val", **metrics})
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())

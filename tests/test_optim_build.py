@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from singlestep.errors import ConfigError
-from singlestep.optim.build import build_optimizer, group_keys
+from singlestep.optim.build import build_optimizer, group_keys, is_no_decay, no_decay_names
 from singlestep.registry import OPTIMIZERS, load_builtins
 
 load_builtins()
@@ -41,6 +41,71 @@ def test_no_decay_puts_biases_and_norms_in_a_zero_decay_group():
         assert _group_of(opt, p)["weight_decay"] == 0.1
     assert counts == {"decay": 3, "no_decay": 4}
     assert not any(p is net.frozen.weight for g in opt.param_groups for p in g["params"])
+
+
+class _Scaled(nn.Module):
+    """A module with a norm-like gain the model-wide rules cannot know: it lists it itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(2, 4))
+        self.proj = nn.Linear(4, 4)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"gain"}
+
+
+class _Tricky(nn.Module):
+    """Names the old substring hints misread, a 2-D LayerNorm weight, and timm's no_weight_decay()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subnet = nn.Sequential(nn.Linear(4, 4))  # subnet.0.weight: contains "bn"
+        self.abnormal = nn.Linear(4, 4, bias=False)  # abnormal.weight: contains "norm"
+        self.norm = nn.LayerNorm([2, 4], bias=False)  # norm.weight is 2-D: only its type says "norm"
+        self.pos_embed = nn.Parameter(torch.zeros(3, 4))  # listed by no_weight_decay()
+        self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))  # "blocks.1": a module prefix
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)})  # "heads.*": a pattern
+        self.inner = _Scaled()  # its own no_weight_decay(), relative to it
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "blocks.1", "heads.*"}
+
+
+def test_no_decay_rule_goes_by_shape_bias_module_type_and_no_weight_decay():
+    net = _Tricky()
+    assert no_decay_names(net) == {
+        "norm.weight", "pos_embed", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias", "heads.a.weight",
+        "heads.a.bias", "heads.b.weight", "heads.b.bias", "subnet.0.bias", "inner.gain", "inner.proj.bias",
+    }  # fmt: skip
+    params = dict(net.named_parameters())
+    for name in ("subnet.0.weight", "abnormal.weight", "blocks.0.weight", "inner.proj.weight"):
+        assert params[name].ndim == 2 and not is_no_decay(net, name, params[name]), name
+    for name in ("norm.weight", "pos_embed", "blocks.1.weight", "heads.b.weight", "inner.gain"):
+        assert params[name].ndim == 2 and is_no_decay(net, name, params[name]), name
+    opt, counts = build_optimizer(net, OPTIMIZERS.get("adamw"), {"weight_decay": 0.1})
+    assert _group_of(opt, net.subnet[0].weight)["weight_decay"] == 0.1
+    assert _group_of(opt, net.abnormal.weight)["weight_decay"] == 0.1
+    assert _group_of(opt, net.norm.weight)["weight_decay"] == 0.0
+    assert _group_of(opt, net.pos_embed)["weight_decay"] == 0.0
+    assert counts == {"decay": 4, "no_decay": 12}
+
+
+_NORMS = [nn.BatchNorm2d(3), nn.GroupNorm(1, 3), nn.InstanceNorm1d(3, affine=True)]
+_NORMS += [nn.RMSNorm([2, 3])] if hasattr(nn, "RMSNorm") else []  # 2-D weight; torch>=2.4
+
+
+@pytest.mark.parametrize("norm", _NORMS, ids=lambda m: type(m).__name__)
+def test_every_norm_layer_type_is_exempt(norm):
+    net = nn.Sequential(nn.Linear(3, 3), norm)
+    assert no_decay_names(net) == {"0.bias"} | {f"1.{n}" for n, _ in norm.named_parameters()}
+
+
+def test_no_weight_decay_must_return_names():
+    net = _Scaled()
+    net.no_weight_decay = lambda: "gain"  # a bare string would exempt "g", "a", ...
+    with pytest.raises(ConfigError, match=r"_Scaled.no_weight_decay\(\) must return parameter names"):
+        no_decay_names(net)
 
 
 def test_no_decay_off():
