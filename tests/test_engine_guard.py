@@ -197,3 +197,22 @@ def test_verification_mismatch_falls_back_and_keeps_the_eager_result(monkeypatch
     for a, b in zip(eager.model.parameters(), engine.model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert engine.read()["steps"] == eager.read()["steps"] == len(order)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "factory, cause",
+    [
+        (lambda p: torch.optim.Adam(p, lr=0.01), r"at .*torch/optim/adam\.py:\d+ .*singlestep's own 'adam' \(optimizer\.name: adam\)"),
+        (lambda p: torch.optim.AdamW(p, lr=0.01, fused=True), r"fused: true .* drop fused: true or use singlestep's own 'adamw'"),
+    ],
+    ids=["torch-adam", "torch-adamw-fused"],
+)
+def test_torch_optimizer_fall_back_names_the_line_and_what_works_instead(factory, cause, tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+    eager, engine = _engine("eager", factory), _engine("compiled", factory)
+    eager.run_samples(torch.arange(200))
+    with pytest.warns(UserWarning, match=cause):
+        engine.run_samples(torch.arange(200))
+    for a, b in zip(eager.model.parameters(), engine.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

@@ -284,17 +284,21 @@ def explain(exc: Exception, optimizer: torch.optim.Optimizer) -> str:
     import inspect
 
     text = str(exc)
-    if "_local_scalar_dense" in text or "data-dependent" in text:
-        cls = type(optimizer)
-        advice = "write optimizer maths as plain tensor ops (docs/optimizers.md)"
-        if cls.__module__.startswith("torch.optim"):
-            from singlestep.registry import OPTIMIZERS
+    cls = type(optimizer)
+    ours = cls.__name__.lower() if cls.__module__.startswith("torch.optim") else None
+    if ours is not None:
+        from singlestep.registry import OPTIMIZERS
 
-            ours = cls.__name__.lower()
-            if ours in OPTIMIZERS.names():
-                advice = f"singlestep's own '{ours}' (optimizer.name: {ours}) has the same numbers and compiles"
-            elif "capturable" in inspect.signature(cls).parameters:
-                advice = "try capturable: true, which keeps its step count in a tensor"
+        ours = ours if ours in OPTIMIZERS.names() else None
+    same = f"singlestep's own '{ours}' (optimizer.name: {ours}) has the same numbers and compiles" if ours else None
+    if any(g.get("fused") for g in optimizer.param_groups):
+        return ("fused: true runs torch's fused kernel, one op over a list of tensors, which the compiled step "
+                f"cannot loop over; drop fused: true{' or use ' + same if same else ''}")  # fmt: skip
+    if "_local_scalar_dense" in text or "data-dependent" in text:
+        advice = same or "write optimizer maths as plain tensor ops (docs/optimizers.md)"
+        on_cpu = all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
+        if not same and not on_cpu and "capturable" in inspect.signature(cls).parameters:
+            advice = "try capturable: true, which keeps its step count in a tensor"
         return (f"the step reads a tensor's value on the host (.item(), float(t), an if on a tensor, or a "
                 f"tensor lr passed as alpha=/value=){_user_line(exc)}, so it cannot be traced; {advice}")  # fmt: skip
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -310,7 +314,9 @@ def _user_line(exc: Exception) -> str:
     here = os.path.dirname(__file__)
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         f = frame.filename
-        inside_torch = f.startswith(torch_dir) and not f.startswith(os.path.join(torch_dir, "optim"))
+        # torch.optim's classes count as the user's code, its shared helpers (optimizer.py) do not
+        optim_dir = os.path.join(torch_dir, "optim")
+        inside_torch = f.startswith(torch_dir) and (not f.startswith(optim_dir) or f.endswith("optimizer.py"))
         if not inside_torch and not f.startswith(here) and frame.line is not None:
             return f" at {f}:{frame.lineno} (`{frame.line.strip()}`)"
     return ""
