@@ -132,6 +132,9 @@ def child_persample(impl: str, opt: str, steps: int, epoch: bool) -> dict:
             run(n)
             out["epoch_s"] = time.perf_counter() - start
     else:
+        import contextlib
+
+        from singlestep import fastpaths
         from singlestep.engine import build_engine
         from singlestep.losses import loss_for
         from singlestep.models.linear import Linear
@@ -141,10 +144,13 @@ def child_persample(impl: str, opt: str, steps: int, epoch: bool) -> dict:
         optimizer = OPTIMIZERS.get(opt)(model.parameters(), lr=LRS[opt])
         autograd = impl == "eager_autograd"
         impl = "eager" if autograd else impl
-        engine = build_engine(impl, model=model, loss_fn=loss_for("classification"), optimizer=optimizer,
-                              scheduler=None, train=split, clip_grad_norm=CLIP, chunk_size=64)  # fmt: skip
-        if autograd:  # the eager engine as it runs any other model: grads through autograd
-            engine._closed = None
+        # "eager, autograd": the eager engine as it runs any other model, without the closed form
+        def plain():  # a context for each build (one use each)
+            return fastpaths.plain("closed_form") if autograd else contextlib.nullcontext()
+
+        with plain():
+            engine = build_engine(impl, model=model, loss_fn=loss_for("classification"), optimizer=optimizer,
+                                  scheduler=None, train=split, clip_grad_norm=CLIP, chunk_size=64)  # fmt: skip
         order = torch.randperm(n)
         pos = 0
 
@@ -162,10 +168,9 @@ def child_persample(impl: str, opt: str, steps: int, epoch: bool) -> dict:
         chunk = max(64, steps // 64 * 64)
         out["us_per_step"] = _time_blocks(lambda: run(chunk), 3) / chunk * 1e6
         if epoch:
-            fresh = build_engine(impl, model=model, loss_fn=loss_for("classification"), optimizer=optimizer,
-                                 scheduler=None, train=split, clip_grad_norm=CLIP, chunk_size=64)  # fmt: skip
-            if autograd:
-                fresh._closed = None
+            with plain():
+                fresh = build_engine(impl, model=model, loss_fn=loss_for("classification"), optimizer=optimizer,
+                                     scheduler=None, train=split, clip_grad_norm=CLIP, chunk_size=64)  # fmt: skip
             start = time.perf_counter()
             for s in range(0, n, 4096):
                 fresh.run_samples(order[s : s + 4096])
