@@ -43,7 +43,7 @@ def test_check_optimizer_catches_a_broken_optimizer():
                     if p.grad is not None:
                         p.add_(p.grad.sign_() * -group["lr"])  # sign_ overwrites p.grad
 
-    with pytest.raises(AssertionError, match="failed 'grad untouched'"):
+    with pytest.raises(AssertionError, match="failed 'grad-untouched'"):
         check_optimizer(WritesGrad, lr=0.01)
 
 

@@ -39,6 +39,19 @@ class Adadelta(Optimizer):
         eps: term added inside the square roots.
         weight_decay: L2 penalty :math:`\lambda`.
         maximize: ascend the objective instead of descending it.
+
+    Example:
+        Both accumulators start at 0, so the first step is small even at ``lr=1``: about
+        :math:`\sqrt{\epsilon / (1 - \rho)}`:
+
+        >>> import torch
+        >>> from singlestep.optim import Adadelta
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = Adadelta([w], lr=1.0)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([ 0.9968, -1.9968])
     """
 
     def __init__(

@@ -40,6 +40,18 @@ class Adagrad(Optimizer):
         initial_accumulator_value: starting value :math:`s_0` of the squared-gradient sum.
         eps: term added to the denominator.
         maximize: ascend the objective instead of descending it.
+
+    Example:
+        With the accumulator starting at 0 the first step moves each coordinate by about :math:`\gamma`:
+
+        >>> import torch
+        >>> from singlestep.optim import Adagrad
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = Adagrad([w], lr=0.1)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([ 0.9000, -1.9000])
     """
 
     def __init__(

@@ -51,6 +51,18 @@ class Adam(Optimizer):
         weight_decay: L2 penalty :math:`\lambda`.
         amsgrad: normalise by the running maximum of :math:`v_t` (Reddi et al., 2018).
         maximize: ascend the objective instead of descending it.
+
+    Example:
+        The first step moves every coordinate by about :math:`\gamma`, whatever the gradient's size:
+
+        >>> import torch
+        >>> from singlestep.optim import Adam
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = Adam([w], lr=0.1)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([ 0.9000, -1.9000])
     """
 
     # AdamW flips this; it is stored in every param group so a state_dict says which rule it used.

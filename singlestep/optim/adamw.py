@@ -37,6 +37,19 @@ class AdamW(Adam):
         weight_decay: decoupled decay :math:`\lambda`.
         amsgrad: normalise by the running maximum of :math:`v_t`.
         maximize: ascend the objective instead of descending it.
+
+    Example:
+        The parameters are first scaled by ``1 - lr * weight_decay`` (0.99), then the Adam step
+        moves them by about ``lr``:
+
+        >>> import torch
+        >>> from singlestep.optim import AdamW
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = AdamW([w], lr=0.1, weight_decay=0.1)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([ 0.8900, -1.8800])
     """
 
     _decoupled_weight_decay = True

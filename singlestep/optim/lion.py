@@ -36,6 +36,18 @@ class Lion(Optimizer):
         lr: learning rate :math:`\gamma` (a float or a 0-dim tensor).
         betas: :math:`(\beta_1, \beta_2)`: interpolation for the update, decay of the momentum.
         weight_decay: decoupled decay :math:`\lambda`.
+
+    Example:
+        Every coordinate moves by exactly :math:`\gamma`:
+
+        >>> import torch
+        >>> from singlestep.optim import Lion
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = Lion([w], lr=0.1)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([ 0.9000, -1.9000])
     """
 
     def __init__(

@@ -87,6 +87,16 @@ class Muon(Optimizer):
         fallback_eps: eps of the fallback (unused by ``lion``).
         fallback_weight_decay: weight decay of the fallback (decoupled for ``adamw`` / ``lion``,
             L2 for ``adam``).
+
+    Example:
+        Matrices go to Muon, the bias to the fallback, each in a group of its own:
+
+        >>> import torch
+        >>> from singlestep.optim import Muon
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> opt = Muon(layer.parameters(), lr=0.02)
+        >>> [(g["use_muon"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups]
+        [(True, [(2, 3)]), (False, [(2,)])]
     """
 
     extra_group_keys = _GROUP_KEYS

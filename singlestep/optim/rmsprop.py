@@ -44,6 +44,18 @@ class RMSprop(Optimizer):
         momentum: momentum factor :math:`\mu`.
         centered: normalise by the estimated variance instead of the raw second moment.
         maximize: ascend the objective instead of descending it.
+
+    Example:
+        No bias correction: the first step is :math:`\gamma / \sqrt{1 - \alpha}`, ten times ``lr`` here:
+
+        >>> import torch
+        >>> from singlestep.optim import RMSprop
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = RMSprop([w], lr=0.01)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([ 0.9000, -1.9000])
     """
 
     def __init__(

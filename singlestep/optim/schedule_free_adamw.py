@@ -61,6 +61,23 @@ class ScheduleFreeAdamW(Optimizer):
         warmup_steps: linear warm-up length :math:`W` in steps (0: none).
         r: polynomial weighting power :math:`r` of the average.
         weight_lr_power: power :math:`p` of the max lr in the averaging weights.
+
+    Example:
+        Train at :math:`y`, evaluate at the average :math:`x`:
+
+        >>> import torch
+        >>> from singlestep.optim import ScheduleFreeAdamW
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = ScheduleFreeAdamW([w], lr=0.1)
+        >>> for _ in range(3):
+        ...     w.grad = torch.tensor([0.5, -0.5])
+        ...     opt.step()
+        >>> w.detach()  # y, where gradients are taken
+        tensor([ 0.7900, -1.7900])
+        >>> opt.eval()  # x: evaluate and save here
+        >>> w.detach()
+        tensor([ 0.8000, -1.8000])
+        >>> opt.train()  # back to y before the next step
     """
 
     def __init__(

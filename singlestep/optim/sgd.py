@@ -46,7 +46,16 @@ class SGD(Optimizer):
         maximize: ascend the objective instead of descending it.
 
     Example:
-        >>> opt = SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        Nesterov momentum's first step moves by :math:`\gamma (1 + \mu) g_1`:
+
+        >>> import torch
+        >>> from singlestep.optim import SGD
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> opt = SGD([w], lr=0.1, momentum=0.9, nesterov=True)
+        >>> w.grad = torch.tensor([0.5, -0.5])
+        >>> opt.step()
+        >>> w.detach()
+        tensor([ 0.9050, -1.9050])
     """
 
     def __init__(
