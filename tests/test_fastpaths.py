@@ -127,3 +127,9 @@ def test_private_torch_names_only_in_the_compat_module():
             for path in sorted(root.rglob("*.py")) if path.name != "_compat.py"
             for i, line in enumerate(path.read_text().splitlines(), 1) if _PRIVATE.search(line)]  # fmt: skip
     assert hits == []
+
+
+def test_no_source_file_over_500_lines():
+    root = Path(__file__).resolve().parents[1] / "singlestep"
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
