@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -155,15 +156,16 @@ def bare_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimiz
 
 def step_is_observed(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a step hook or the profiler needs ``optimizer.step()``'s wrapper this call."""
-    import torch.optim.optimizer as optim_module
-
     return bool(
         optimizer._optimizer_step_pre_hooks
         or optimizer._optimizer_step_post_hooks
-        or optim_module._global_optimizer_pre_hooks
-        or optim_module._global_optimizer_post_hooks
+        or _optim_module._global_optimizer_pre_hooks
+        or _optim_module._global_optimizer_post_hooks
         or torch.autograd._profiler_enabled()
     )
+
+
+_optim_module = sys.modules["torch.optim.optimizer"]  # imported by torch.optim; read per step
 
 
 @functools.cache

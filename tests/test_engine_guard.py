@@ -216,3 +216,92 @@ def test_torch_optimizer_fall_back_names_the_line_and_what_works_instead(factory
         engine.run_samples(torch.arange(200))
     for a, b in zip(eager.model.parameters(), engine.model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_group_value_changed_after_the_check_falls_back(tmp_path, monkeypatch):
+    """A momentum a scheduler or the user changes mid-run is frozen in the compiled graph."""
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+    eager = _engine("eager", lambda p: SGD(p, lr=0.01, momentum=0.9))
+    engine = _engine("compiled", lambda p: SGD(p, lr=0.01, momentum=0.9))
+    for e in (eager, engine):
+        e.run_samples(torch.arange(320))
+    assert engine._verified and engine.fallback_reason is None
+    for e in (eager, engine):
+        e.optimizer.param_groups[0]["momentum"] = 0.0
+    with pytest.warns(UserWarning, match=r"param_groups\[0\]\['momentum'\] \(checked with 0.9, now 0.0\) changed after"):
+        engine.run_samples(torch.arange(320, 960))
+    eager.run_samples(torch.arange(320, 960))
+    assert engine.label == "compiled (fell back to eager)"
+    for a, b in zip(eager.model.parameters(), engine.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_parameter_without_a_gradient_is_not_stepped_by_a_compiled_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+
+    results = {}
+    for kind in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 5))
+        model.unused = nn.Parameter(torch.ones(3))  # the loss never reads it
+        opt = SGD(model.parameters(), lr=0.01, weight_decay=1e-2)
+        common = dict(model=model, loss_fn=loss_for("classification"), optimizer=opt, scheduler=None, train=_split())
+        e = EagerEngine(**common) if kind == "eager" else CompiledEngine(chunk_size=32, **common)
+        if kind == "compiled":
+            with pytest.warns(UserWarning, match=r"no gradient to parameter\(s\) \[0\]"):
+                e.run_samples(torch.arange(400))
+        else:
+            e.run_samples(torch.arange(400))
+        results[kind] = [p.detach().clone() for p in model.parameters()]
+    assert torch.equal(results["eager"][0], torch.ones(3))  # model.unused: the module's own parameter comes first
+    for a, b in zip(results["eager"], results["compiled"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_skipped_step_leaves_the_compiled_statistics_finite(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+    eager, engine = _engine("eager", lambda p: SGD(p, lr=0.01)), _engine("compiled", lambda p: SGD(p, lr=0.01))
+    for e in (eager, engine):
+        e.train.inputs = e.train.inputs.float()
+        e.train.inputs[200] = float("inf")  # one sample whose loss is not finite, inside a compiled chunk
+        e.run_samples(torch.arange(320))
+    assert engine._verified
+    a, b = eager.read(), engine.read()
+    assert b["skipped_steps"] == a["skipped_steps"] == 1
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm_max"] == pytest.approx(a["grad_norm_max"], rel=1e-5)
+
+
+def test_statistics_are_zeroed_in_place(tmp_path):
+    """A captured CUDA graph keeps writing into the same statistics tensors after each read."""
+    engine = _engine("eager", lambda p: SGD(p, lr=0.01))
+    held = engine.stats.loss_sum
+    engine.run_samples(torch.arange(10))
+    assert engine.read()["steps"] == 10
+    assert engine.stats.loss_sum is held and float(held) == 0.0
+
+
+@pytest.mark.slow
+def test_a_scheduler_that_changes_momentum_runs_per_step_and_is_not_compiled(tmp_path, monkeypatch):
+    """OneCycleLR cycles momentum: eager steps it after every step, so chunking changes nothing;
+    the compiled engine, whose graph would hold one momentum, runs eagerly."""
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path))
+
+    def run(kind, calls):
+        e = _engine(kind, lambda p: SGD(p, lr=0.01, momentum=0.9))
+        e.scheduler = torch.optim.lr_scheduler.OneCycleLR(e.optimizer, max_lr=0.05, total_steps=1000)
+        if kind != "eager":
+            e.eager.scheduler = e.scheduler
+        for idx in torch.arange(960).split(calls):
+            e.run_samples(idx)
+        return e
+
+    whole, chunked = run("eager", 960), run("eager", 32)
+    for a, b in zip(whole.model.parameters(), chunked.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match=r"the scheduler OneCycleLR is stepped after every step"):
+        compiled = run("compiled", 960)
+    for a, b in zip(whole.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

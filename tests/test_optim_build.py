@@ -205,3 +205,16 @@ def test_zero_weight_decay_keeps_one_default_group():
     rules = [{"match": "head.*", "weight_decay": 0.1}]
     opt, counts = build_optimizer(net, OPTIMIZERS.get("sgd"), {"lr": 0.1, "weight_decay": 0.0}, param_groups=rules)
     assert len(opt.param_groups) == 2 and counts == {"decay": 2, "no_decay": 5}
+
+
+def test_a_failing_no_weight_decay_is_a_config_error():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def no_weight_decay(self, strict):  # needs an argument the rule cannot give
+            return {"fc.bias"}
+
+    with pytest.raises(ConfigError, match=r"optimizer\.no_decay: Broken\.no_weight_decay\(\) raised TypeError"):
+        build_optimizer(Broken(), OPTIMIZERS.get("adamw"), {"weight_decay": 0.01})

@@ -64,10 +64,10 @@ class ModalSGD(torch.optim.Optimizer):
                     p.add_(p.grad, alpha=-group["lr"])
 
 
-def _train(tmp_path, name: str, monkeypatch=None) -> Trainer:
+def _train(tmp_path, name: str, monkeypatch=None, engine: str = "eager") -> Trainer:
     cfg = base_config(optimizer={"name": name, "lr": 0.05})
-    cfg["trainer"].update(engine="eager", epochs=2, eval_every=40)
-    cfg["output"] = {"run_dir": str(tmp_path / name.rpartition(":")[2])}
+    cfg["trainer"].update(engine=engine, epochs=2, eval_every=40, chunk_size=8)
+    cfg["output"] = {"run_dir": str(tmp_path / f"{name.rpartition(':')[2]}-{engine}")}
     trainer = Trainer(validate(cfg, "test.yaml"), out=open("/dev/null", "w"))
     if monkeypatch is not None:  # record the optimizer's mode whenever the trainer evaluates or saves
         evaluate, save = singlestep.trainer.evaluate, torch.save
@@ -118,3 +118,20 @@ def test_cli_trains_schedulefree_adamw(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # noise 0.1: the best possible mean squared error is ~0.01; an untrained model is near 1.
     assert summary["final"]["val"]["loss"] < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["compiled", "auto"])
+def test_eval_mode_optimizer_gives_eagers_numbers_under_every_engine(tmp_path, monkeypatch, engine):
+    """ModalSGD reads its lr as alpha= (a host read when traced): the compiled engine runs it
+    eagerly and says so; auto's short run stays eager. Either way, eager's weights."""
+    monkeypatch.setenv("SINGLESTEP_CACHE", str(tmp_path / "cache"))
+    eager = _train(tmp_path, "tests.test_optimizer_modes:ModalSGD")
+    if engine == "compiled":
+        with pytest.warns(UserWarning, match=r"falls back to eager: .*test_optimizer_modes\.py:\d+"):
+            other = _train(tmp_path, "tests.test_optimizer_modes:ModalSGD", engine=engine)
+    else:
+        other = _train(tmp_path, "tests.test_optimizer_modes:ModalSGD", engine=engine)
+    assert other.optimizer.mode == "train" and other.state.step == eager.state.step == 128
+    for p, q in zip(eager.model.parameters(), other.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)

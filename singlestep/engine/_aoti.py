@@ -106,7 +106,7 @@ def compile_package(graph: torch.fx.GraphModule, example: tuple, split: Any, sha
             for old, new in zip(flat, new_flat):  # parameters and state are updated in place
                 old.copy_(new)
             ok = out[:, 2]
-            good = out[:, :2] * ok[:, None]
+            good = torch.where(ok[:, None] > 0, out[:, :2], 0.0)  # not out * ok: a skipped step's inf * 0 is NaN
             # sums: loss_sum, norm_sum, norm_max, skipped (the engine's window statistics)
             return torch.stack([sums[0] + good[:, 0].sum(), sums[1] + good[:, 1].sum(),
                                 torch.maximum(sums[2], good[:, 1].max()), sums[3] + (k - ok.sum())])  # fmt: skip

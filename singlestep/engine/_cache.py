@@ -25,7 +25,7 @@ from singlestep.engine.step import StepRule
 __all__ = ["cache_dir", "graph_key", "recipe_key", "recipe_target", "vec_isa_record"]
 
 # Bump when the chunk's structure changes, so stale cached packages are never loaded.
-_FORMAT = "singlestep-chunk-v3"
+_FORMAT = "singlestep-chunk-v4"
 
 
 def cache_dir() -> Path:

@@ -22,6 +22,10 @@ from singlestep.engine.step import StepRule, clip_coef, global_norm, take_step
 __all__ = ["CompileUnsupported", "check_supported", "explain", "flat_names", "flat_tensors", "frozen_reason", "python_changes",
            "python_state", "restore_python_state", "state_keys", "trace_step"]  # fmt: skip
 
+# torch.optim classes whose numbers ours match (the parity tests in tests/test_optim.py) and compile.
+_SAME_AS_TORCH = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw", "Adagrad": "adagrad", "Adadelta": "adadelta",
+                  "RMSprop": "rmsprop"}  # fmt: skip
+
 # A matmul with at most this many multiply-adds is traced as a broadcast multiply and a sum.
 _TINY_MATMUL = 65536
 
@@ -101,7 +105,7 @@ def check_supported(model: nn.Module, optimizer: torch.optim.Optimizer, params: 
 
 def trace_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], optimizer: torch.optim.Optimizer,
                params: list[Tensor], rule: StepRule, split: Any, micro: int,
-               rows: int) -> tuple[torch.fx.GraphModule, list[Tensor], list[list[str]]]:  # fmt: skip
+               rows: int) -> torch.fx.GraphModule:  # fmt: skip
     """Trace one optimizer step into a pure graph ``(flat, (x, y, lr)) -> (flat', stats)``.
 
     ``flat`` is the parameters followed by every optimizer state tensor (:func:`flat_tensors`);
@@ -157,7 +161,7 @@ def trace_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], op
     if changed:  # known now, before a compile: the first chunk's check would find it too
         raise CompileUnsupported(frozen_reason(changed[0]))
     _strip_profiler(graph)
-    return graph, flat, keys
+    return graph
 
 
 class _StateView(dict):
@@ -285,11 +289,7 @@ def explain(exc: Exception, optimizer: torch.optim.Optimizer) -> str:
 
     text = str(exc)
     cls = type(optimizer)
-    ours = cls.__name__.lower() if cls.__module__.startswith("torch.optim") else None
-    if ours is not None:
-        from singlestep.registry import OPTIMIZERS
-
-        ours = ours if ours in OPTIMIZERS.names() else None
+    ours = _SAME_AS_TORCH.get(cls.__name__) if cls.__module__.startswith("torch.optim") else None
     same = f"singlestep's own '{ours}' (optimizer.name: {ours}) has the same numbers and compiles" if ours else None
     if any(g.get("fused") for g in optimizer.param_groups):
         return ("fused: true runs torch's fused kernel, one op over a list of tensors, which the compiled step "

@@ -13,7 +13,7 @@ from singlestep import _compat as compat
 from singlestep.data.base import Split
 from singlestep.engine.step import StepRule
 
-__all__ = ["Engine", "StepStats", "advance_schedule", "set_lrs"]
+__all__ = ["Engine", "StepStats", "advance_schedule", "lr_only", "set_lrs"]
 
 
 def set_lrs(groups: list[dict], lrs: list[Any]) -> None:
@@ -23,6 +23,12 @@ def set_lrs(groups: list[dict], lrs: list[Any]) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+def lr_only(scheduler: Any) -> bool:
+    """Whether ``scheduler`` changes nothing but the groups' lr (``LambdaLR``: every built-in
+    schedule), so a chunk of steps can take its lrs from a table made up front."""
+    return type(scheduler) is torch.optim.lr_scheduler.LambdaLR
 
 
 def advance_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, k: int) -> list[list[float]]:
@@ -35,7 +41,7 @@ def advance_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, k: int) -
     groups = optimizer.param_groups
     if scheduler is None:
         return [[float(g["lr"]) for g in groups]] * k
-    if type(scheduler) is not torch.optim.lr_scheduler.LambdaLR or not compat.lambda_lr_closed_form_ok():
+    if not lr_only(scheduler) or not compat.lambda_lr_closed_form_ok():
         rows = []
         for _ in range(k):
             rows.append([float(g["lr"]) for g in groups])
@@ -66,8 +72,12 @@ class StepStats:
         self.reset()
 
     def reset(self) -> None:
-        z = lambda: torch.zeros((), dtype=torch.float32, device=self.device)  # noqa: E731
-        self.loss_sum, self.norm_sum, self.norm_max, self.skipped = z(), z(), z(), z()
+        # In place: a captured CUDA graph (and a compiled chunk) keeps writing into these tensors.
+        if hasattr(self, "loss_sum"):
+            torch._foreach_zero_([self.loss_sum, self.norm_sum, self.norm_max, self.skipped])
+        else:
+            z = lambda: torch.zeros((), dtype=torch.float32, device=self.device)  # noqa: E731
+            self.loss_sum, self.norm_sum, self.norm_max, self.skipped = z(), z(), z(), z()
         self.steps = 0  # host-side: the trainer knows how many steps it asked for
 
     def read(self) -> dict[str, float]:

@@ -30,7 +30,7 @@ from singlestep.engine._aoti import compile_package, inductor_configs, load_chun
 from singlestep.engine._cache import cache_dir, graph_key, recipe_key, recipe_target
 from singlestep.runlog import write_atomic
 from singlestep.engine._trace import CompileUnsupported
-from singlestep.engine.base import Engine, advance_schedule
+from singlestep.engine.base import Engine, advance_schedule, lr_only
 from singlestep.engine.eager import EagerEngine
 from singlestep.engine.policy import CACHED_LOAD_S, AutoPolicy, Decision
 
@@ -96,6 +96,7 @@ class CompiledEngine(Engine):
         self._fns: dict[Shape, Any] = {}
         self._warm: set[Shape] = set()  # shapes whose first (warm-up) run is done
         self._verified: set[Shape] = set()  # shapes whose compiled chunk matched eager
+        self._python_checked: Any = None  # the optimizer's Python values when the last check passed
 
     # ------------------------------------------------------------------ public
 
@@ -124,6 +125,8 @@ class CompiledEngine(Engine):
             try:
                 while n - pos >= k and self.fallback_reason is None:
                     if shape in self._verified:
+                        if not self._python_unchanged():
+                            break
                         self._run(fn, idx[pos : pos + k].view(k, 1, 1))
                     else:
                         self._verify(shape, fn, idx[pos : pos + k])
@@ -149,10 +152,13 @@ class CompiledEngine(Engine):
                 self.eager.run_batch(micro_batches)
                 self.steps_done += 1
             return
-        if shape in self._verified:
+        if shape not in self._verified:
+            self._verify(shape, fn, micro_batches)
+        elif self._python_unchanged():
             self._run(fn, torch.stack(micro_batches).unsqueeze(0))
         else:
-            self._verify(shape, fn, micro_batches)
+            self.eager.run_batch(micro_batches)
+            self.steps_done += 1
 
     def read(self) -> dict[str, float]:
         return self.eager.read()  # the same statistics: the eager engine flushes its host sums first
@@ -160,9 +166,9 @@ class CompiledEngine(Engine):
     @property
     def label(self) -> str:
         """The engine as the summary reports it."""
-        if self.auto:
-            return f"auto ({self.choice or 'eager'})"
-        return "compiled" if self.fallback_reason is None else "compiled (fell back to eager)"
+        if self.fallback_reason is not None:
+            return f"{'auto' if self.auto else 'compiled'} (fell back to eager)"
+        return f"auto ({self.choice or 'eager'})" if self.auto else "compiled"
 
     # ------------------------------------------------------------------ eager steps
 
@@ -227,6 +233,20 @@ class CompiledEngine(Engine):
                 self._fallback(f"after its first chunk of {k} steps the compiled step's {what} {mismatch}; running eagerly")
                 return
         self._verified.add(shape)
+        self._python_checked = _trace.python_state(opt)
+
+    def _python_unchanged(self) -> bool:
+        """Whether the optimizer's plain Python values (momentum, betas, weight decay, a flag) are
+        those the compiled graph was checked with; a change (a scheduler's momentum cycle, the
+        user's own code) is frozen in the graph, so it falls back instead. A dict comparison per
+        chunk, no device sync."""
+        now = _trace.python_state(self.optimizer)
+        if now == self._python_checked:
+            return True
+        change = _trace.python_changes(self._python_checked, now, how="checked with {}, now {}")
+        self._fallback(f"{change[0]} changed after the compiled step was built and checked, and the graph holds "
+                       "the old value; running eagerly")  # fmt: skip
+        return False
 
     # ------------------------------------------------------------------ build
 
@@ -273,6 +293,19 @@ class CompiledEngine(Engine):
             return None
         opt, params, split = self.optimizer, self.params, self.train
         _trace.check_supported(self.model, opt, params, per_sample=k > 1)
+        if self.scheduler is not None and not lr_only(self.scheduler):
+            raise CompileUnsupported(
+                f"the scheduler {type(self.scheduler).__name__} is stepped after every step (it may change more than "
+                "the lr, as OneCycleLR's momentum), and a compiled chunk takes only a table of lrs; a built-in "
+                "schedule (scheduler.name) compiles"
+            )
+        used = {id(p) for p in self.eager.used_params()}
+        unused = [i for i, p in enumerate(params) if id(p) not in used]
+        if unused:
+            # Eager steps leave such a parameter's grad None, so the optimizer skips it; the traced
+            # step gets a zero grad for it, and weight decay or momentum would still move it.
+            raise CompileUnsupported(f"the loss gives no gradient to parameter(s) {unused}, which eager steps leave "
+                                     "alone and a compiled step would update with a zero gradient")  # fmt: skip
         keys = _trace.state_keys(opt, params)
         self._state_keys = keys
         idx0 = torch.zeros(k, micro, rows, dtype=torch.long, device=split.device)
@@ -290,7 +323,7 @@ class CompiledEngine(Engine):
         else:
             if self.auto and not self._choose(shape, cached=False, nodes=None):
                 return None  # not worth tracing the step (~1-2 s with the compiler's imports) to learn that
-            graph, _, _ = _trace.trace_step(self.model, self.loss_fn, opt, params, self.rule, split, micro, rows)
+            graph = _trace.trace_step(self.model, self.loss_fn, opt, params, self.rule, split, micro, rows)
             held = [*graph.named_parameters(), *graph.named_buffers(), *vars(graph).items()]
             if any(isinstance(value, Tensor) for _, value in held):
                 # A chunk would keep their values from compile time (and a cached package from an

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from singlestep import _compat as compat
-from singlestep.engine.base import Engine, advance_schedule, set_lrs
+from singlestep.engine.base import Engine, advance_schedule, lr_only, set_lrs
 from singlestep.engine.closed_form import closed_form_for
 from singlestep.fastpaths import FAST
 from singlestep.engine.step import clip_coef, global_norm, take_step
@@ -100,6 +100,10 @@ class EagerEngine(Engine):
             self._used_params = [self.params[i] for i in self._used]
         return [grads[i] for i in self._used]
 
+    def used_params(self) -> list[Tensor]:
+        """The parameters the loss gives a grad (all of them until an autograd step has run)."""
+        return self.params if self._used is None else self._used_params
+
     def optimizer_step(self, grads: list[Tensor]) -> None:
         """``optimizer.step()`` on these grads: one per trainable parameter, or one per parameter
         that autograd gave a grad (``_grads``)."""
@@ -119,12 +123,18 @@ class EagerEngine(Engine):
     # ------------------------------------------------------------------ public
 
     def run_samples(self, idx: Tensor) -> None:
+        if self.scheduler is not None and not lr_only(self.scheduler):
+            # It may change more than the lr (OneCycleLR cycles momentum): stepped after every step,
+            # as in a plain loop, so the numbers never depend on how steps are chunked.
+            self.run_samples_at(idx, None, step_scheduler=True)
+            return
         rows = advance_schedule(self.scheduler, self.optimizer, len(idx)) if self.scheduler is not None else None
         self.run_samples_at(idx, rows)
 
-    def run_samples_at(self, idx: Tensor, rows: list[list[float]] | None) -> None:
+    def run_samples_at(self, idx: Tensor, rows: list[list[float]] | None, step_scheduler: bool = False) -> None:
         """``run_samples`` with the schedule already advanced: ``rows[i]`` is step i's lr per group
-        (None: no scheduler). The groups' lrs after the call are those the schedule left."""
+        (None: the groups' own). The groups' lrs after the call are those the schedule left.
+        ``step_scheduler``: call ``scheduler.step()`` after each step instead."""
         model, loss_fn, rule, ops = self.model, self.loss_fn, self.rule, self.ops
         xs, ys = self.train.get(idx)  # one gather for the whole chunk: [k, ...]
         groups = self.optimizer.param_groups
@@ -151,6 +161,8 @@ class EagerEngine(Engine):
                     grads = self._grads(loss)
                     loss = loss.detach()
                 take_step(rule, ops, grads, loss)
+                if step_scheduler:
+                    self.scheduler.step()
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)

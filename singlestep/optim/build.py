@@ -42,8 +42,7 @@ _NORM_NAMES = (
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
 )  # fmt: skip
-# hasattr: nn.RMSNorm is new in torch 2.4.
-NORM_TYPES: tuple[type[nn.Module], ...] = tuple(getattr(nn, n) for n in _NORM_NAMES if hasattr(nn, n))
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(getattr(nn, n) for n in _NORM_NAMES)
 
 
 def _model_no_decay_patterns(model: nn.Module) -> list[str]:
@@ -53,11 +52,14 @@ def _model_no_decay_patterns(model: nn.Module) -> list[str]:
         method = getattr(module, "no_weight_decay", None)
         if not callable(method):
             continue
-        returned = method()
+        what = f"{type(module).__name__}.no_weight_decay()" + (f" (module '{prefix}')" if prefix else "")
+        try:
+            returned = method()
+        except Exception as exc:  # the user's method: its failure is a config problem, not ours
+            raise ConfigError(f"optimizer.no_decay: {what} raised {type(exc).__name__}: {exc}") from None
         names = list(returned) if isinstance(returned, Iterable) and not isinstance(returned, str) else None
         if names is None or not all(isinstance(n, str) for n in names):
-            what = f"{type(module).__name__}.no_weight_decay()"
-            raise ConfigError(f"{what} must return parameter names (a set of strings), got {returned!r}")
+            raise ConfigError(f"optimizer.no_decay: {what} must return parameter names (a set of strings), got {returned!r}")
         patterns += [f"{prefix}.{n}" if prefix else n for n in names]
     return patterns
 
