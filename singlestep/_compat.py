@@ -36,6 +36,7 @@ def _off() -> set[str]:
 
 _OFF = _off()
 _REPORTED: set[str] = set()
+_ON: set[str] = set()  # probes found on and not turned off: enabled()'s answer, kept until probes_off
 
 # name -> what the private path buys (for the failure line and the docs)
 PROBES: dict[str, str] = {
@@ -57,9 +58,12 @@ PROBES: dict[str, str] = {
 
 def enabled(name: str, found: bool = True) -> bool:
     """Whether probe ``name`` may use its private path (``found``: the names it needs exist)."""
+    if found and name in _ON:  # the per-step path: one set lookup
+        return True
     if name not in PROBES:
         raise KeyError(name)
     if "all" not in _OFF and name not in _OFF and found:
+        _ON.add(name)
         return True
     if name not in _REPORTED:
         _REPORTED.add(name)
@@ -77,10 +81,12 @@ def probes_off(*names: str) -> Iterator[None]:
     """
     added = set(names or PROBES) - _OFF
     _OFF.update(added)
+    _ON.clear()
     try:
         yield
     finally:
         _OFF.difference_update(added)
+        _ON.clear()
 
 
 def _attr(obj: Any, *path: str) -> Any:

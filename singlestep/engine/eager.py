@@ -104,7 +104,7 @@ class EagerEngine(Engine):
         """The parameters the loss gives a grad (all of them until an autograd step has run)."""
         return self.params if self._used is None else self._used_params
 
-    def optimizer_step(self, grads: list[Tensor]) -> None:
+    def optimizer_step(self, grads: list[Tensor], ok: Any = None) -> None:
         """``optimizer.step()`` on these grads: one per trainable parameter, or one per parameter
         that autograd gave a grad (``_grads``)."""
         params = self.params if len(grads) == len(self.params) else self._used_params
@@ -206,6 +206,7 @@ class _DeviceOps:
 
     def __init__(self, engine: EagerEngine):
         self.engine = engine
+        self.update = engine.optimizer_step  # the step's last stage, bound once: one call fewer per step
 
     def norm(self, grads: list[Tensor]) -> Any:
         return global_norm(grads)
@@ -232,8 +233,6 @@ class _DeviceOps:
         torch._foreach_mul_(grads, clip_coef(max_norm, norm))
         return grads
 
-    def update(self, grads: list[Tensor], ok: Any) -> None:
-        self.engine.optimizer_step(grads)
 
 
 class _HostOps(_DeviceOps):
