@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from singlestep import _compat as compat
+from singlestep.engine.base import lr_only
 from singlestep.engine.step import StepRule, clip_coef, global_norm, take_step
 
 __all__ = ["CompileUnsupported", "check_supported", "explain", "flat_names", "flat_tensors", "frozen_reason", "python_changes",
@@ -57,8 +58,22 @@ def flat_names(n_params: int, keys: list[list[str]]) -> list[str]:
 # ----------------------------------------------------------------------------- what can compile
 
 
-def check_supported(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor], per_sample: bool) -> None:
-    """Raise :class:`CompileUnsupported` for what the traced step cannot carry."""
+def check_supported(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor], scheduler: Any,
+                    used: list[Tensor], per_sample: bool) -> None:  # fmt: skip
+    """Raise :class:`CompileUnsupported` for what the traced step cannot carry (``used``: the
+    parameters eager steps found the loss gives a grad)."""
+    if scheduler is not None and not lr_only(scheduler):
+        raise CompileUnsupported(
+            f"the scheduler {type(scheduler).__name__} is stepped after every step (it may change more than the lr, "
+            "as OneCycleLR's momentum), and a compiled chunk takes only a table of lrs; a built-in schedule "
+            "(scheduler.name) compiles"
+        )
+    unused = [i for i, p in enumerate(params) if all(p is not q for q in used)]
+    if unused:
+        # Eager steps leave such a parameter's grad None, so the optimizer skips it; the traced
+        # step gets a zero grad for it, and weight decay or momentum would still move it.
+        raise CompileUnsupported(f"the loss gives no gradient to parameter(s) {unused}, which eager steps leave "
+                                 "alone and a compiled step would update with a zero gradient")  # fmt: skip
     if any(True for _ in model.buffers()):
         raise CompileUnsupported("the model has buffers (e.g. BatchNorm running stats), which the compiled step does not carry")
     for group in optimizer.param_groups:
@@ -161,6 +176,16 @@ def trace_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], op
     if changed:  # known now, before a compile: the first chunk's check would find it too
         raise CompileUnsupported(frozen_reason(changed[0]))
     _strip_profiler(graph)
+    held = [*graph.named_parameters(), *graph.named_buffers(), *vars(graph).items()]
+    if any(isinstance(value, Tensor) for _, value in held):
+        # A chunk would keep their values from compile time (and a cached package from an earlier
+        # run): a frozen layer loaded from another checkpoint, or an attribute the optimizer
+        # updates, would be stale without any sign.
+        raise CompileUnsupported(
+            "the step reads tensors that are neither trainable parameters nor optimizer state (a frozen "
+            "parameter, a tensor attribute of the model or optimizer, or a tensor made in step()), which "
+            "a compiled step would fix at their compile-time values; use Python numbers or optimizer state"
+        )
     return graph
 
 

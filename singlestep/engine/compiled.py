@@ -28,11 +28,11 @@ from torch import Tensor
 from singlestep.engine import _trace
 from singlestep.engine._aoti import compile_package, inductor_configs, load_chunk
 from singlestep.engine._cache import cache_dir, graph_key, recipe_key, recipe_target
-from singlestep.runlog import write_atomic
 from singlestep.engine._trace import CompileUnsupported
-from singlestep.engine.base import Engine, advance_schedule, lr_only
+from singlestep.engine.base import Engine, advance_schedule
 from singlestep.engine.eager import EagerEngine
 from singlestep.engine.policy import CACHED_LOAD_S, AutoPolicy, Decision
+from singlestep.runlog import write_atomic
 
 __all__ = ["CompiledEngine", "CompileUnsupported", "cache_dir"]
 
@@ -292,20 +292,7 @@ class CompiledEngine(Engine):
             self._choose(shape, cached=True, nodes=None)  # logs that not even a cached package would pay off
             return None
         opt, params, split = self.optimizer, self.params, self.train
-        _trace.check_supported(self.model, opt, params, per_sample=k > 1)
-        if self.scheduler is not None and not lr_only(self.scheduler):
-            raise CompileUnsupported(
-                f"the scheduler {type(self.scheduler).__name__} is stepped after every step (it may change more than "
-                "the lr, as OneCycleLR's momentum), and a compiled chunk takes only a table of lrs; a built-in "
-                "schedule (scheduler.name) compiles"
-            )
-        used = {id(p) for p in self.eager.used_params()}
-        unused = [i for i, p in enumerate(params) if id(p) not in used]
-        if unused:
-            # Eager steps leave such a parameter's grad None, so the optimizer skips it; the traced
-            # step gets a zero grad for it, and weight decay or momentum would still move it.
-            raise CompileUnsupported(f"the loss gives no gradient to parameter(s) {unused}, which eager steps leave "
-                                     "alone and a compiled step would update with a zero gradient")  # fmt: skip
+        _trace.check_supported(self.model, opt, params, self.scheduler, self.eager.used_params(), per_sample=k > 1)
         keys = _trace.state_keys(opt, params)
         self._state_keys = keys
         idx0 = torch.zeros(k, micro, rows, dtype=torch.long, device=split.device)
@@ -324,16 +311,6 @@ class CompiledEngine(Engine):
             if self.auto and not self._choose(shape, cached=False, nodes=None):
                 return None  # not worth tracing the step (~1-2 s with the compiler's imports) to learn that
             graph = _trace.trace_step(self.model, self.loss_fn, opt, params, self.rule, split, micro, rows)
-            held = [*graph.named_parameters(), *graph.named_buffers(), *vars(graph).items()]
-            if any(isinstance(value, Tensor) for _, value in held):
-                # A chunk would keep their values from compile time (and a cached package from an
-                # earlier run): a frozen layer loaded from another checkpoint, or an attribute the
-                # optimizer updates, would be stale without any sign.
-                raise CompileUnsupported(
-                    "the step reads tensors that are neither trainable parameters nor optimizer state (a frozen "
-                    "parameter, a tensor attribute of the model or optimizer, or a tensor made in step()), which "
-                    "a compiled step would fix at their compile-time values; use Python numbers or optimizer state"
-                )
             path = cache_dir() / f"chunk-{graph_key(graph, example, shape, split.signature(), configs)}.pt2"
             self.cache_hit = path.exists()
             if not self._choose(shape, cached=self.cache_hit, nodes=len(graph.graph.nodes)):
