@@ -29,6 +29,7 @@ __all__ = [
     "TrainerConfig",
     "OutputConfig",
     "load_config",
+    "config_from_dict",
     "parse_overrides",
     "apply_overrides",
     "config_to_dict",
@@ -91,6 +92,15 @@ class OutputConfig:
     run_dir: str | None = None
     # Save the trained weights as model.pt.
     save_model: bool = True
+    # Write a checkpoint (checkpoints/step-N.pt) every N optimizer steps; null = only at the end
+    # and on Ctrl-C / SIGTERM. Each costs a save of model and optimizer state (an fsync).
+    checkpoint_every: int | None = 10_000
+    # Keep the newest N checkpoints; older ones are deleted once a newer one is safely written.
+    keep_checkpoints: int = 3
+    # Draw curves.png (loss, metric, lr, grad norm) at the end, when matplotlib is installed (~1 s).
+    curves: bool = True
+    # Also write TensorBoard event files (needs the tensorboard package); metrics.jsonl is always written.
+    tensorboard: bool = False
 
 
 @dataclass
@@ -313,6 +323,7 @@ def validate(raw: Any, source: str, origins: dict[str, str] | None = None) -> Co
     trainer = _check_section(raw.get("trainer"), TrainerConfig, "trainer", problems)
     output = _check_section(raw.get("output"), OutputConfig, "output", problems)
     _check_trainer_values(trainer, problems)
+    _check_output_values(output, problems)
     if problems.items:
         raise ConfigError(problems.items)
     opt_kwargs = dict(optimizer.kwargs)
@@ -344,6 +355,13 @@ def _check_trainer_values(t: TrainerConfig, problems: _Problems) -> None:
         problems.add("trainer.grad_accum_steps", "per_sample mode takes one step per sample; accumulation needs mode: minibatch")
 
 
+def _check_output_values(o: OutputConfig, problems: _Problems) -> None:
+    if isinstance(o.checkpoint_every, int) and o.checkpoint_every < 1:
+        problems.add("output.checkpoint_every", f"must be >= 1 or null (only at the end), got {o.checkpoint_every}")
+    if isinstance(o.keep_checkpoints, int) and o.keep_checkpoints < 1:
+        problems.add("output.keep_checkpoints", f"must be >= 1 (the newest is needed to resume), got {o.keep_checkpoints}")
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -367,7 +385,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    raw = {} if raw is None else raw
+    return config_from_dict({} if raw is None else raw, source, overrides)
+
+
+def config_from_dict(raw: Any, source: str, overrides: list[str] | None = None) -> Config:
+    """Apply ``key=value`` overrides to a raw mapping (a parsed file, a checkpoint's config) and validate."""
     origins: dict[str, str] = {}
     if overrides:
         if not isinstance(raw, dict):

@@ -1,5 +1,8 @@
 """``python -m singlestep.train --config FILE [key=value ...]``: train one run described by YAML.
 
+``python -m singlestep.train --resume RUN_DIR [trainer.epochs=N]`` continues a run from its newest
+checkpoint, with the numbers an uninterrupted run would have had.
+
 Exit codes: 0 done, 2 user error (one message on stderr, no traceback), 130 interrupted.
 """
 
@@ -24,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples: optimizer.lr=1e-3  trainer.clip_grad_norm=null  optimizer.betas=[0.9,0.99]  optimizer=adagrad",
     )
     p.add_argument("--config", help="YAML file describing the run")
+    p.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
+                   help="continue a run from its newest checkpoint (or this one); key=value may extend "
+                        "trainer.epochs or trainer.max_steps")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted key path = YAML value")
     p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
     p.add_argument("--list", action="store_true", help="list registered models, datasets, optimizers, schedulers")
@@ -67,17 +73,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(_list_components())
             return 0
-        if not args.config:
-            raise _ArgError(f"{parser.prog}: --config FILE is required (or --list)")
+        if args.config and args.resume:
+            raise _ArgError(f"{parser.prog}: give --config or --resume, not both (a resumed run keeps its own config)")
+        if not args.config and not args.resume:
+            raise _ArgError(f"{parser.prog}: --config FILE is required (or --resume RUN_DIR, or --list)")
         from singlestep.config import config_to_dict, dump_yaml, load_config
 
-        cfg = load_config(args.config, args.overrides)
+        resume = None
+        if args.resume:
+            from singlestep.checkpoint import find_checkpoint, load_checkpoint, resume_config
+            from singlestep.trainer import Resume
+
+            run_dir, path = find_checkpoint(args.resume)
+            state = load_checkpoint(path)
+            cfg = resume_config(state, args.overrides, str(path))
+            resume = Resume(run_dir, path, state)
+        else:
+            cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(config_to_dict(cfg)), end="")
             return 0
         from singlestep.trainer import Trainer
 
-        summary = Trainer(cfg).fit()
+        summary = Trainer(cfg, resume=resume).fit()
         return EXIT_INTERRUPTED if summary["interrupted"] else 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,11 +14,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 import torch
 
-from singlestep import malloc
+from singlestep import checkpoint, malloc
 from singlestep.config import COMPONENTS, Component, Config, config_to_dict
 from singlestep.data.base import DataBundle
 from singlestep.engine import build_engine
@@ -26,9 +27,18 @@ from singlestep.errors import ConfigError, UserError
 from singlestep.losses import loss_for
 from singlestep.metrics import evaluate
 from singlestep.optim.build import build_optimizer
-from singlestep.runlog import Progress, RunDir, make_run_dir
+from singlestep.runlog import Progress, RunDir, make_run_dir, tensorboard_available
 
-__all__ = ["LoopState", "Trainer", "resolve_device", "steps_per_epoch"]
+__all__ = ["LoopState", "Resume", "Trainer", "resolve_device", "steps_per_epoch"]
+
+
+@dataclass
+class Resume:
+    """Where a resumed run continues: its folder and the loaded checkpoint (``checkpoint.py``)."""
+
+    run_dir: Path
+    path: Path
+    state: dict[str, Any]
 
 
 @dataclass
@@ -105,14 +115,19 @@ class Trainer:
     Args:
         cfg: a validated config.
         out: where progress lines go (stdout).
+        resume: continue the run a checkpoint was taken from (its config must be ``cfg``, up to
+            the keys ``checkpoint.RESUMABLE_KEYS`` names: see ``checkpoint.resume_config``).
     """
 
-    def __init__(self, cfg: Config, out: TextIO | None = None):
+    def __init__(self, cfg: Config, out: TextIO | None = None, resume: Resume | None = None):
         self.started = time.perf_counter()  # wall time includes loading data and building
         self.cfg = cfg
         self.out = out or sys.stdout
         self.stop_requested = False
+        self.resume = resume
         self._setup()
+        if resume is not None:
+            self.load_state_dict(resume.state)
 
     # ------------------------------------------------------------------ set-up
 
@@ -149,6 +164,68 @@ class Trainer:
             total_steps=self.total_steps, log=self._print,
         )  # fmt: skip
         self.state = LoopState(seed=cfg.seed)
+        # Counters that span the whole run (and a resume): a checkpoint carries them.
+        self.samples_seen = 0
+        self.skipped_steps = 0
+        self.last_train_loss = float("nan")
+        self.train_seconds = 0.0
+        self.wall_before = 0.0  # wall seconds of the run before this process (a resume)
+        self.checkpoints_ok = True
+        if cfg.output.tensorboard and not tensorboard_available():
+            raise ConfigError("output.tensorboard: true needs the tensorboard package: pip install 'singlestep[tensorboard]'")
+
+    # ------------------------------------------------------------------ run state
+
+    def state_dict(self, run: RunDir) -> dict[str, Any]:
+        """Everything a checkpoint holds (see ``checkpoint.py``); taken between engine calls."""
+        return {
+            "format": checkpoint.FORMAT,
+            "versions": checkpoint.versions(),
+            "config": config_to_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "loop": {**self.state.state_dict(), "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
+                     "last_train_loss": self.last_train_loss, "train_seconds": self._train_seconds(),
+                     "run_seconds": run.elapsed(), "wall_seconds": self.wall_before + time.perf_counter() - self.started},  # fmt: skip
+            "rng": checkpoint.rng_state(),
+            "engine": self.engine.state_dict(),
+            "metrics_bytes": run.metrics_bytes(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: parameters, optimizer and schedule, loop position, RNGs,
+        and the engine's choices, so that the steps ahead give the numbers they would have."""
+        loop = state["loop"]
+        if loop["step"] > self.total_steps:
+            raise ConfigError(f"the checkpoint is at step {loop['step']:,}, past this run's end ({self.total_steps:,} "
+                              "steps): give a larger trainer.epochs or trainer.max_steps")  # fmt: skip
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.state.load_state_dict(loop)
+        self.samples_seen, self.skipped_steps = loop["samples_seen"], loop["skipped_steps"]
+        self.last_train_loss, self.train_seconds = loop["last_train_loss"], loop["train_seconds"]
+        self.wall_before = loop["wall_seconds"]
+        self.engine.load_state_dict(state["engine"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def _checkpoint(self, run: RunDir) -> None:
+        """Save a checkpoint now (atomically), and keep the newest ``output.keep_checkpoints``."""
+        if not self.checkpoints_ok:
+            return
+        state = self.state_dict(run)
+        found = checkpoint.not_plain(state)
+        if found:  # a weights-only load would refuse it: say so once and train on
+            self.checkpoints_ok = False
+            self._print(f"warning: no checkpoints for this run: its state holds a Python object at {found}, and "
+                        "checkpoints hold only tensors and plain values (loaded with weights_only=True)")  # fmt: skip
+            return
+        folder = self.run_dir / "checkpoints"
+        checkpoint.save_checkpoint(folder, self.state.step, state)
+        checkpoint.prune(folder, self.cfg.output.keep_checkpoints)
+        self.last_checkpoint = self.state.step
 
     def _check_fit(self) -> None:
         """Run one sample through model and loss, so a mismatch is a config error, not a mid-run crash."""
@@ -176,33 +253,40 @@ class Trainer:
         Returns:
             The summary also written to ``summary.json``.
         """
-        cfg, t = self.cfg, self.cfg.trainer
-        self.run_dir = make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
-        run = RunDir(self.run_dir)
+        cfg, t, resume = self.cfg, self.cfg.trainer, self.resume
+        if resume is None:
+            self.run_dir = make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
+            run = RunDir(self.run_dir, tensorboard=cfg.output.tensorboard)
+        else:
+            self.run_dir = resume.run_dir
+            run = RunDir(self.run_dir, elapsed=resume.state["loop"]["run_seconds"], step=self.state.step,
+                         metrics_bytes=resume.state["metrics_bytes"], tensorboard=cfg.output.tensorboard)  # fmt: skip
+        self.last_checkpoint = self.state.step if resume is not None else None
         resolved = config_to_dict(cfg)
         run.write_config(resolved)
         meta = self.data.meta
         if meta.task == "lm":
             run.write_json("vocab.json", {**meta.extras, "vocab_size": meta.vocab_size, "block_size": meta.block_size})
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        resumed = f" | resumed at step {self.state.step:,} from {resume.path.name}" if resume is not None else ""
         self._print(
             f"run {self.run_dir} | model {cfg.model.name} ({n_params:,} params) | data {cfg.data.name} "
             f"({len(self.data.train):,} train) | optimizer {cfg.optimizer.name}: {self.decay_counts['decay']} tensors "
             f"decay, {self.decay_counts['no_decay']} do not | {t.mode}, {self.total_steps:,} steps, "
-            f"engine {t.engine}, device {self.device}"
+            f"engine {t.engine}, device {self.device}{resumed}"
         )
         # Schedule-free optimizers start in eval mode and refuse to step in it.
         self._optimizer_mode("train")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = Progress(self.total_steps, t.progress)
-        start = time.perf_counter()
+        progress = Progress(self.total_steps, t.progress, initial=self.state.step)
+        self._loop_started = time.perf_counter()
         try:
             self._loop(run, progress)
         finally:
             progress.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        train_seconds = time.perf_counter() - start
+        train_seconds = self._train_seconds()
 
         with self._evaluating():  # the weights evaluated and saved are the optimizer's eval-mode ones
             final = {split: evaluate(self.model, s, meta.task, num_classes=meta.num_classes,
@@ -220,11 +304,13 @@ class Trainer:
             "final": final,
             "steps": self.state.step,
             "epochs": round(self._epoch_float(), 6),
-            "wall_seconds": round(time.perf_counter() - self.started, 3),
+            "wall_seconds": round(self.wall_before + time.perf_counter() - self.started, 3),
             "train_seconds": round(train_seconds, 3),
             "samples_per_second": round(self.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
             "skipped_steps": self.skipped_steps,
             "interrupted": self.stop_requested,
+            "resumed_from": self.resume.state["loop"]["step"] if self.resume is not None else None,
+            "checkpoint": self._checkpoint_name(),
             "engine": self.engine.label,
             "device": str(self.device),
             "allocator": malloc.in_use(),
@@ -233,18 +319,20 @@ class Trainer:
         }
         run.write_json("summary.json", summary)
         run.close()
+        self._write_curves()
         self._print(self._summary_line(summary))
         return summary
 
     def _loop(self, run: RunDir, progress: Progress) -> None:
+        """Steps until the end or a stop request. Every engine call ends at the next log, eval or
+        checkpoint step, so a checkpoint (periodic, or on a signal) is always taken where an
+        uninterrupted run also has a call boundary: resuming from it gives the same numbers."""
         t, state, engine = self.cfg.trainer, self.state, self.engine
+        every = self.cfg.output.checkpoint_every
         n = len(self.data.train)
         micro = t.batch_size
         per_step = 1 if t.mode == "per_sample" else t.batch_size * t.grad_accum_steps
         chunk_cap = engine.max_chunk
-        self.last_train_loss = float("nan")
-        self.samples_seen = 0
-        self.skipped_steps = 0
         window_start, window_samples = time.perf_counter(), 0
         order_dev = None
         while state.step < self.total_steps and not self.stop_requested:
@@ -254,7 +342,8 @@ class Trainer:
                 order_dev = state.order.to(self.device)
             to_log = t.log_every - state.step % t.log_every
             to_eval = t.eval_every - state.step % t.eval_every if t.eval_every else to_log
-            budget = min(self.total_steps - state.step, to_log, to_eval)
+            to_save = every - state.step % every if every else to_log
+            budget = min(self.total_steps - state.step, to_log, to_eval, to_save)
             if t.mode == "per_sample":
                 k = min(budget, n - state.pos, chunk_cap)
                 engine.run_samples(order_dev[state.pos : state.pos + k])
@@ -273,13 +362,35 @@ class Trainer:
                 state.order = None
                 if t.eval_every is None and state.step < self.total_steps:
                     self._evaluate_val(run)
-            if state.step % t.log_every == 0 or state.step == self.total_steps or self.stop_requested:
+            if state.step % t.log_every == 0 or state.step == self.total_steps:
                 self._log_window(run, progress, window_start, window_samples)
                 window_start, window_samples = time.perf_counter(), 0
             if t.eval_every and state.step % t.eval_every == 0 and state.step < self.total_steps:
                 self._evaluate_val(run)
+            if every and state.step % every == 0 and state.step < self.total_steps:
+                self._checkpoint(run)
+        if state.step != self.last_checkpoint:
+            # At the end, or on Ctrl-C / SIGTERM: the window's unread statistics go into it, so
+            # the line logged next (and cut from metrics.jsonl on a resume) is not lost.
+            self._checkpoint(run)
         if window_samples:
             self._log_window(run, progress, window_start, window_samples)
+
+    def _train_seconds(self) -> float:
+        """Seconds in the training loop so far, across resumes."""
+        return self.train_seconds + time.perf_counter() - self._loop_started
+
+    def _checkpoint_name(self) -> str | None:
+        if not self.checkpoints_ok or self.last_checkpoint is None:
+            return None
+        return str(self.run_dir / "checkpoints" / f"step-{self.last_checkpoint:09d}.pt")
+
+    def _write_curves(self) -> None:
+        """``curves.png`` in the run folder (``write_run_curves`` never fails a run for a picture)."""
+        if self.cfg.output.curves:
+            from singlestep.plot import write_run_curves  # lazy: matplotlib only where it is used
+
+            write_run_curves(self.run_dir)
 
     # ------------------------------------------------------------------ logging and evaluation
 

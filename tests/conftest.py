@@ -24,7 +24,7 @@ def base_config(**changes) -> dict:
         "data": {"name": "synthetic_regression", "in_features": 4, "train_size": 64, "val_size": 16, "test_size": 16},
         "optimizer": {"name": "torch.optim.SGD", "lr": 0.05},
         "trainer": {"mode": "per_sample", "epochs": 1, "log_every": 16, "progress": False},
-        "output": {"dir": "runs"},
+        "output": {"dir": "runs", "curves": False},  # a picture per run costs ~1 s; tests of it ask for it
     }
     for key, value in changes.items():
         cfg[key] = value

@@ -67,7 +67,7 @@ class ModalSGD(torch.optim.Optimizer):
 def _train(tmp_path, name: str, monkeypatch=None, engine: str = "eager") -> Trainer:
     cfg = base_config(optimizer={"name": name, "lr": 0.05})
     cfg["trainer"].update(engine=engine, epochs=2, eval_every=40, chunk_size=8)
-    cfg["output"] = {"run_dir": str(tmp_path / f"{name.rpartition(':')[2]}-{engine}")}
+    cfg["output"] = {"curves": False, "run_dir": str(tmp_path / f"{name.rpartition(':')[2]}-{engine}")}
     trainer = Trainer(validate(cfg, "test.yaml"), out=open("/dev/null", "w"))
     if monkeypatch is not None:  # record the optimizer's mode whenever the trainer evaluates or saves
         evaluate, save = singlestep.trainer.evaluate, torch.save
@@ -85,11 +85,13 @@ def test_trainer_steps_in_train_mode_and_evaluates_and_saves_in_eval_mode(tmp_pa
     modal = _train(tmp_path, "tests.test_optimizer_modes:ModalSGD", monkeypatch)
     opt = modal.optimizer
     assert opt is CREATED[-1] and modal.state.step == 128
-    # 128 steps with a val evaluation at steps 40, 80 and 120, then the final evaluation (val, test) and the save.
+    # 128 steps with a val evaluation at steps 40, 80 and 120, the last checkpoint (in train mode:
+    # the state a resumed run steps on), then the final evaluation (val, test) and model.pt.
     val_round = [("eval()", "eval"), ("evaluate", "eval"), ("train()", "train"), ("step", "train")]
     assert opt.log == (
         [("train()", "train"), ("step", "train")]
         + val_round * 3
+        + [("save", "train")]
         + [("eval()", "eval"), ("evaluate", "eval"), ("evaluate", "eval"), ("save", "eval"), ("train()", "train")]
     )
     assert opt.mode == "train"

@@ -18,7 +18,7 @@ from tests.conftest import base_config
 
 def train(tmp_path, **changes) -> Trainer:
     cfg = base_config(**changes)
-    cfg["output"] = {"run_dir": str(tmp_path / "run")}
+    cfg["output"] = {"run_dir": str(tmp_path / "run"), "curves": False}
     trainer = Trainer(validate(cfg, "test.yaml"), out=open("/dev/null", "w"))
     trainer.fit()
     return trainer

@@ -80,6 +80,16 @@ class StepStats:
             self.loss_sum, self.norm_sum, self.norm_max, self.skipped = z(), z(), z(), z()
         self.steps = 0  # host-side: the trainer knows how many steps it asked for
 
+    def state_dict(self) -> dict[str, Any]:
+        """The window's sums so far, for a checkpoint taken between log events."""
+        return {"loss_sum": self.loss_sum.clone(), "norm_sum": self.norm_sum.clone(),
+                "norm_max": self.norm_max.clone(), "skipped": self.skipped.clone(), "steps": self.steps}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("loss_sum", "norm_sum", "norm_max", "skipped"):
+            getattr(self, name).copy_(state[name])  # in place: compiled chunks hold these tensors
+        self.steps = state["steps"]
+
     def read(self) -> dict[str, float]:
         """Means over the window since the last read. This syncs the device."""
         loss_sum, norm_sum, norm_max, skipped = torch.stack(
@@ -142,3 +152,11 @@ class Engine:
     def read(self) -> dict[str, float]:
         """Window statistics since the last read (syncs the device)."""
         return self.stats.read()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue with the same numbers: the unread statistics (the
+        trainer checkpoints between calls, when no per-step value is pending)."""
+        return {"name": self.name, "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats.load_state_dict(state["stats"])

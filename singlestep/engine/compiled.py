@@ -97,6 +97,7 @@ class CompiledEngine(Engine):
         self._warm: set[Shape] = set()  # shapes whose first (warm-up) run is done
         self._verified: set[Shape] = set()  # shapes whose compiled chunk matched eager
         self._python_checked: Any = None  # the optimizer's Python values when the last check passed
+        self._resumed: set[Shape] = set()  # shapes a resumed run compiles as the run before it chose to
 
     # ------------------------------------------------------------------ public
 
@@ -162,6 +163,35 @@ class CompiledEngine(Engine):
 
     def read(self) -> dict[str, float]:
         return self.eager.read()  # the same statistics: the eager engine flushes its host sums first
+
+    def state_dict(self) -> dict[str, Any]:
+        """Which steps of each shape this engine has run eagerly, timed, compiled or checked,
+        and ``auto``'s choices: a resumed run then runs each later step the way this one would
+        have (eagerly or compiled: their last bits differ), without timing or deciding again."""
+        return {**self.eager.state_dict(), "name": self.name, "steps_done": self.steps_done, "choice": self.choice,
+                "fallback_reason": self.fallback_reason, "warm": [list(s) for s in sorted(self._warm)],
+                "timed": [[*s, t] for s, t in sorted(self.policy.eager_step_seconds.items())],
+                "built": [list(s) for s, fn in sorted(self._fns.items()) if fn is not None],
+                "declined": [list(s) for s, fn in sorted(self._fns.items()) if fn is None],
+                "verified": [list(s) for s in sorted(self._verified)]}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue as the engine that wrote ``state``; call after the optimizer's state is loaded.
+        Shapes it had compiled are built again (a cached package loads in a fraction of a second)
+        when first used, whatever ``auto`` would decide now."""
+        self.eager.load_state_dict(state)
+        self.steps_done, self.choice = state["steps_done"], state["choice"]
+        self.fallback_reason = state["fallback_reason"]
+        self._warm = {tuple(s) for s in state["warm"]}
+        self.policy.eager_step_seconds = {tuple(int(v) for v in row[:3]): row[3] for row in state["timed"]}
+        self._fns = {tuple(s): None for s in state["declined"]}
+        self._resumed = {tuple(s) for s in state["built"]}
+        self._verified = {tuple(s) for s in state["verified"]}
+        # The Python values the checked graph holds: unchanged since the check, or the run would
+        # have fallen back before its checkpoint.
+        self._python_checked = _trace.python_state(self.optimizer)
+        if self.fallback_reason is not None:
+            self.log(f"engine {self.name}: running eagerly, as before the resume ({self.fallback_reason})")
 
     @property
     def label(self) -> str:
@@ -255,7 +285,7 @@ class CompiledEngine(Engine):
         a shape that runs eagerly (not timed yet, ``auto`` declined, or a fall-back)."""
         if shape in self._fns or self.fallback_reason is not None:
             return self._fns.get(shape)
-        if shape not in self.policy.eager_step_seconds:
+        if shape not in self.policy.eager_step_seconds and shape not in self._resumed:
             return None
         start = time.perf_counter()
         try:
@@ -270,6 +300,9 @@ class CompiledEngine(Engine):
     def _choose(self, shape: Shape, *, cached: bool, nodes: int | None) -> bool:
         """``auto``'s decision for ``shape`` (always compile without ``auto``), logged."""
         if not self.auto:
+            return True
+        if shape in self._resumed:
+            self.log("engine auto: compiled, as chosen before the resume")
             return True
         decision: Decision = self.policy.decide(shape, self.steps_done, self._chunk_threads(shape) == 1,
                                                 cached=cached, nodes=nodes)  # fmt: skip
@@ -288,7 +321,8 @@ class CompiledEngine(Engine):
         traces, and finds the package by the graph's hash when only the recipe changed.
         """
         k, micro, rows = shape
-        if self.auto and self.policy.gain(shape, self.steps_done, self._chunk_threads(shape) == 1) <= CACHED_LOAD_S:
+        resumed = self.auto and shape in self._resumed
+        if self.auto and not resumed and self.policy.gain(shape, self.steps_done, self._chunk_threads(shape) == 1) <= CACHED_LOAD_S:
             self._choose(shape, cached=True, nodes=None)  # logs that not even a cached package would pay off
             return None
         opt, params, split = self.optimizer, self.params, self.train

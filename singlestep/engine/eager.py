@@ -82,6 +82,10 @@ class EagerEngine(Engine):
         self.flush()
         return super().read()
 
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()  # a no-op between calls (each call flushes), where the trainer checkpoints
+        return super().state_dict()
+
     # ------------------------------------------------------------------ the pieces of a step
 
     def _grads(self, loss: Tensor) -> list[Tensor]:

@@ -1,0 +1,194 @@
+"""Exact resume: a run stopped by SIGTERM (or killed after a checkpoint) and resumed ends with the
+parameters, bit for bit, and the metrics of the same run left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from singlestep import checkpoint
+from singlestep.config import validate
+from singlestep.engine import policy
+from singlestep.trainer import Resume, Trainer
+from tests.conftest import ROOT, base_config, run_cli
+
+_TIMING = ("time", "samples_per_second")
+
+
+def make_cfg(tmp_path, name, *, trainer=None, output=None, **changes):
+    cfg = base_config(**changes)
+    cfg["data"] = {"name": "synthetic_regression", "in_features": 6, "train_size": 150, "val_size": 30, "test_size": 30}
+    if "optimizer" not in changes:
+        cfg["optimizer"] = {"name": "adam", "lr": 0.01}
+    cfg.setdefault("scheduler", {"name": "cosine", "warmup_steps": 20})
+    cfg["trainer"] = {"mode": "per_sample", "epochs": 2, "log_every": 50, "eval_every": 70, "progress": False,
+                      "clip_grad_norm": 1.0, "engine": "eager", **(trainer or {})}  # fmt: skip
+    cfg["output"] = {"run_dir": str(tmp_path / name), "checkpoint_every": 40, "curves": False, **(output or {})}
+    return validate(cfg, "test.yaml")
+
+
+def run(cfg, *, stop_after_calls=None, resume=None) -> Trainer:
+    """Train; with ``stop_after_calls`` a real SIGTERM arrives after that many engine calls."""
+    trainer = Trainer(cfg, out=open(os.devnull, "w"), resume=resume)
+    if stop_after_calls is not None:
+        engine, calls = trainer.engine, [0]
+        name = "run_samples" if cfg.trainer.mode == "per_sample" else "run_batch"
+        inner = getattr(engine, name)
+
+        def counted(*args):
+            inner(*args)
+            calls[0] += 1
+            if calls[0] == stop_after_calls:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        setattr(engine, name, counted)
+    trainer.fit()
+    return trainer
+
+
+def resume_from(cfg, run_dir) -> Trainer:
+    found_dir, path = checkpoint.find_checkpoint(run_dir)
+    return run(cfg, resume=Resume(found_dir, path, checkpoint.load_checkpoint(path)))
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in _TIMING}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+
+
+def assert_same_run(a: Trainer, b: Trainer):
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert metrics(a.run_dir) == metrics(b.run_dir)
+    assert a.state.step == b.state.step
+
+
+def stopped_and_resumed(tmp_path, stop_after_calls, **kw):
+    whole = run(make_cfg(tmp_path, "whole", **kw))
+    cfg = make_cfg(tmp_path, "parts", **kw)
+    stopped = run(cfg, stop_after_calls=stop_after_calls)
+    assert stopped.stop_requested and stopped.state.step < whole.state.step
+    assert json.loads((stopped.run_dir / "summary.json").read_text())["interrupted"]
+    return whole, resume_from(cfg, stopped.run_dir)
+
+
+def test_per_sample_stopped_mid_epoch_resumes_bit_exact(tmp_path):
+    # Calls end at steps 40, 50, 70 (log, eval, checkpoint boundaries): stop at 70, mid-epoch 1.
+    whole, resumed = stopped_and_resumed(tmp_path, 3)
+    assert resumed.resume.state["loop"]["step"] == 70 and resumed.resume.state["loop"]["pos"] == 70
+    assert_same_run(whole, resumed)
+
+
+@pytest.mark.parametrize("name", ["schedule_free_adamw", "schedulefree.AdamWScheduleFree", "torch.optim.Adagrad"])
+def test_other_optimizers_resume_bit_exact(tmp_path, name):
+    # Schedule-free ones evaluate in eval mode between the steps; the checkpoint holds train mode.
+    if "." in name:
+        pytest.importorskip(name.split(".")[0])
+    whole, resumed = stopped_and_resumed(tmp_path, 3, optimizer={"name": name, "lr": 0.01}, scheduler=None)
+    assert_same_run(whole, resumed)
+
+
+def test_per_sample_with_dropout_restores_the_rng(tmp_path):
+    # Dropout draws from torch's global RNG every step: without its state the resumed run differs.
+    whole, resumed = stopped_and_resumed(tmp_path, 2, model={"name": "mlp", "hidden_sizes": [8], "dropout": 0.3})
+    assert_same_run(whole, resumed)
+
+
+@pytest.mark.parametrize("stop_after_calls", [5, 7], ids=["at-epoch-boundary", "off-boundary"])
+def test_minibatch_resumes_bit_exact(tmp_path, stop_after_calls):
+    # 150 samples in batches of 30: 5 steps an epoch; the 5th call ends epoch 1, the 7th is mid-epoch 2.
+    trainer = {"mode": "minibatch", "batch_size": 15, "grad_accum_steps": 2, "epochs": 3, "log_every": 4,
+               "eval_every": 3}  # fmt: skip
+    whole, resumed = stopped_and_resumed(tmp_path, stop_after_calls, trainer=trainer, output={"checkpoint_every": 6},
+                                         scheduler={"name": "cosine", "warmup_steps": 2})
+    assert resumed.resume.state["loop"]["step"] == stop_after_calls
+    assert (resumed.resume.state["loop"]["order"] is None) == (stop_after_calls == 5)  # between epochs
+    assert_same_run(whole, resumed)
+
+
+def test_resume_after_the_end_may_extend_epochs(tmp_path):
+    cfg = make_cfg(tmp_path, "run")
+    first = run(cfg)
+    longer = make_cfg(tmp_path, "run", trainer={"epochs": 3})
+    more = resume_from(longer, first.run_dir)
+    assert more.state.step == 450
+    steps = [m["step"] for m in metrics(more.run_dir) if m["event"] == "train"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no repeated window
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    a = run(make_cfg(tmp_path, "a"))
+    b = run(make_cfg(tmp_path, "b"))
+    assert metrics(a.run_dir) == metrics(b.run_dir) and len(metrics(a.run_dir)) > 5
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    trainer = run(make_cfg(tmp_path, "run", output={"checkpoint_every": 20, "keep_checkpoints": 2}))
+    names = sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir())
+    assert names == ["step-000280.pt".replace("000280", "000000280"), "step-000000300.pt"]
+
+
+@pytest.mark.slow
+def test_compiled_per_sample_resumes_bit_exact(tmp_path):
+    # The resumed run runs each step the way the whole run did (eagerly or in a compiled chunk:
+    # their last bits differ), without a new first-chunk check.
+    kw = {"model": {"name": "linear"}, "trainer": {"engine": "compiled", "chunk_size": 8, "epochs": 2}}
+    whole, resumed = stopped_and_resumed(tmp_path, 4, **kw)
+    assert whole.engine.label == resumed.engine.label == "compiled"
+    assert resumed.engine._verified and resumed.engine._fns  # it ran compiled chunks after the resume
+    assert_same_run(whole, resumed)
+
+
+@pytest.mark.slow
+def test_auto_keeps_its_choice_on_resume(tmp_path, monkeypatch):
+    # The first run's auto is made to compile; after the resume the real cost model would decline
+    # (this run is far too short to pay for a load), but the run keeps compiling, bit for bit.
+    kw = {"model": {"name": "linear"}, "trainer": {"engine": "auto", "chunk_size": 8, "epochs": 2}}
+    with monkeypatch.context() as m:
+        m.setattr(policy, "CACHED_LOAD_S", -1.0)
+        m.setattr(policy, "COMPILE_BASE_S", -1.0)
+        m.setattr("singlestep.engine.compiled.CACHED_LOAD_S", -1.0)
+        whole = run(make_cfg(tmp_path, "whole", **kw))
+        cfg = make_cfg(tmp_path, "parts", **kw)
+        stopped = run(cfg, stop_after_calls=4)
+    assert stopped.engine.choice == "compiled"
+    resumed = resume_from(cfg, stopped.run_dir)
+    assert resumed.engine.label == "auto (compiled)"
+    assert any(fn is not None for fn in resumed.engine._fns.values())  # it compiled, not only its label
+    assert_same_run(whole, resumed)
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, write_config):
+    cfg = base_config(trainer={"mode": "per_sample", "epochs": 2, "log_every": 1000, "progress": False, "engine": "eager"})
+    cfg["data"] = {"name": "synthetic_regression", "in_features": 16, "train_size": 8000, "val_size": 100, "test_size": 100}
+    cfg["optimizer"] = {"name": "adagrad", "lr": 0.05}
+    cfg["output"] = {"checkpoint_every": 3000, "curves": False}
+    path = write_config(cfg)
+    whole = run_cli("--config", str(path), f"output.run_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "singlestep.train", "--config", str(path),
+                             f"output.run_dir={tmp_path / 'killed'}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    folder = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not checkpoint.checkpoints(folder) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    resumed = run_cli("--resume", str(tmp_path / "killed"))
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(tmp_path / "whole") == metrics(tmp_path / "killed")
