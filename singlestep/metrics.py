@@ -22,8 +22,27 @@ __all__ = ["MetricAccumulator", "classification_report", "evaluate"]
 def classification_report(confusion: Tensor) -> dict[str, Any]:
     """Accuracy and macro precision / recall / F1 from a ``[true, pred]`` confusion matrix.
 
-    A class with no predictions (or no true samples) scores 0 for precision (recall), as
-    scikit-learn does with ``zero_division=0``; macro means average over all classes.
+    Conventions (those of scikit-learn's ``precision_recall_fscore_support(average="macro")``
+    with its default ``labels=None``):
+
+    * The macro mean is over the classes *present*: those with at least one target or at least
+      one prediction (the union of labels in ``y_true`` and ``y_pred``). A class that appears in
+      neither is left out of the mean, not counted as 0.
+    * A present class that is never predicted has precision 0; one that never occurs in the
+      targets has recall 0; F1 is 0 when precision and recall are both 0. This is scikit-learn's
+      ``zero_division="warn"`` result (0) without the warning.
+    * An empty matrix gives 0 for every figure.
+
+    Args:
+        confusion: ``[num_classes, num_classes]`` counts, rows the true class, columns the prediction.
+
+    Returns:
+        ``accuracy``, ``precision``, ``recall`` and ``f1`` as floats.
+
+    Example:
+        >>> cm = torch.tensor([[1, 1, 0], [0, 2, 0], [0, 0, 0]])  # class 2: never seen nor predicted
+        >>> {k: round(v, 4) for k, v in classification_report(cm).items()}
+        {'accuracy': 0.75, 'precision': 0.8333, 'recall': 0.75, 'f1': 0.7333}
     """
     cm = confusion.double()
     tp = cm.diag()
@@ -32,17 +51,29 @@ def classification_report(confusion: Tensor) -> dict[str, Any]:
     recall = torch.where(true_totals > 0, tp / true_totals.clamp_min(1), torch.zeros_like(tp))
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-300), torch.zeros_like(tp))
+    present = ((pred_totals + true_totals) > 0).double()  # [C]; 1 for a class seen as target or prediction
+    n_present = present.sum().clamp_min(1)
+
+    def macro(per_class: Tensor) -> float:
+        return float((per_class * present).sum() / n_present)
+
     total = cm.sum()
     return {
         "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "precision": float(precision.mean()),
-        "recall": float(recall.mean()),
-        "f1": float(f1.mean()),
+        "precision": macro(precision),
+        "recall": macro(recall),
+        "f1": macro(f1),
     }
 
 
 class MetricAccumulator:
     """Running sums for one split; ``update`` stays on the device, ``compute`` syncs once.
+
+    Regression keeps, per output and in float64, the sums of absolute and squared errors and the
+    targets' running mean and sum of squared deviations (M2), merged chunk by chunk with Chan's
+    parallel update: each chunk's M2 is taken about its own mean, so nothing cancels the way
+    ``sum(y**2) - sum(y)**2 / n`` does when the mean is large against the spread. The targets'
+    per-output min and max tell a constant column exactly, whatever rounding the mean suffers.
 
     Args:
         task: ``classification``, ``regression`` or ``lm``.
@@ -58,7 +89,13 @@ class MetricAccumulator:
         if task == "classification":
             self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
         elif task == "regression":
-            self.abs_sum, self.y_sum, self.y_sq_sum, self.sq_sum = None, None, None, None
+            # Per output, created with the first chunk (the output shape is known only then).
+            self.abs_sum: Tensor | None = None
+            self.sq_sum: Tensor | None = None  # residual sum of squares
+            self.y_mean: Tensor | None = None
+            self.y_m2: Tensor | None = None  # sum of squared deviations from the running mean
+            self.y_min: Tensor | None = None
+            self.y_max: Tensor | None = None
 
     @torch.no_grad()
     def update(self, output: Tensor, targets: Tensor) -> None:
@@ -70,19 +107,43 @@ class MetricAccumulator:
         elif self.task == "lm":
             self.count += targets.numel()
         else:
-            y = targets.reshape(output.shape).double()
-            err = output.double() - y
-            per_out = lambda t: t.sum(0)  # noqa: E731  [out]
-            if self.abs_sum is None:
-                self.abs_sum, self.y_sum, self.y_sq_sum, self.sq_sum = (torch.zeros_like(y[0]) for _ in range(4))
-            self.abs_sum += per_out(err.abs())
-            self.sq_sum += per_out(err * err)
-            self.y_sum += per_out(y)
-            self.y_sq_sum += per_out(y * y)
-            self.count += y.shape[0]
+            self._update_regression(output, targets)
+
+    def _update_regression(self, output: Tensor, targets: Tensor) -> None:
+        y = targets.reshape(output.shape).double()  # [b, *out]
+        nb = y.shape[0]
+        if nb == 0:  # an empty chunk has no mean to merge
+            return
+        err = output.double() - y
+        mean_b = y.mean(0)  # [*out]
+        m2_b = (y - mean_b).square().sum(0)  # about the chunk's own mean: no cancellation
+        if self.y_mean is None:
+            self.abs_sum, self.sq_sum = err.abs().sum(0), err.square().sum(0)
+            self.y_mean, self.y_m2 = mean_b, m2_b
+            self.y_min, self.y_max = y.amin(0), y.amax(0)
+            self.count += nb
+            return
+        self.abs_sum += err.abs().sum(0)
+        self.sq_sum += err.square().sum(0)
+        # Chan et al.'s merge of (count, mean, M2) pairs; self.count stays a device tensor (no sync).
+        total = self.count + nb
+        delta = mean_b - self.y_mean
+        self.y_mean += delta * (nb / total)
+        self.y_m2 += m2_b + delta.square() * (self.count * nb / total)
+        torch.minimum(self.y_min, y.amin(0), out=self.y_min)
+        torch.maximum(self.y_max, y.amax(0), out=self.y_max)
+        self.count.copy_(total)
 
     def compute(self) -> dict[str, Any]:
-        """Read the sums (one device sync) and return plain-Python metrics."""
+        """Read the sums (one device sync) and return plain-Python metrics.
+
+        R^2 follows scikit-learn's ``r2_score`` with ``force_finite=True`` and
+        ``multioutput="uniform_average"``: per output, ``1 - SS_res / SS_tot``; an output whose
+        targets are all equal (``SS_tot == 0``) scores 1.0 when predicted exactly and 0.0
+        otherwise; any output predicted exactly scores 1.0; the reported ``r2`` is the plain mean
+        over outputs, where every element after the batch dimension counts as one output. MSE and
+        MAE are means over samples and outputs. A NaN prediction gives a NaN R^2.
+        """
         n = float(self.count)
         if n == 0:
             return {}
@@ -95,8 +156,12 @@ class MetricAccumulator:
             return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_char": loss / math.log(2)}
         outputs = self.sq_sum.numel()
         mse = float(self.sq_sum.sum()) / (n * outputs)
-        ss_tot = self.y_sq_sum - self.y_sum**2 / n  # per output
-        r2_each = torch.where(ss_tot > 0, 1 - self.sq_sum / ss_tot.clamp_min(1e-300), torch.zeros_like(ss_tot))
+        ss_res = self.sq_sum  # [*out]
+        constant = (self.y_max == self.y_min) | (self.y_m2 <= 0)
+        ss_tot = torch.where(constant, torch.ones_like(self.y_m2), self.y_m2)  # 1: only to keep the division finite
+        r2_each = 1 - ss_res / ss_tot
+        r2_each = torch.where(ss_res == 0, 1.0, r2_each)
+        r2_each = torch.where(constant & (ss_res > 0), 0.0, r2_each)  # NaN residuals stay NaN
         return {"loss": mse, "mse": mse, "mae": float(self.abs_sum.sum()) / (n * outputs), "r2": float(r2_each.mean())}
 
 
