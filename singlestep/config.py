@@ -131,33 +131,129 @@ COMPONENTS: dict[str, tuple[Registry, int]] = {
     "scheduler": (SCHEDULERS, 2),  # optimizer, total_steps
 }
 OPTIMIZER_RESERVED = {"param_groups": list, "no_decay": bool}
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"(auto|cpu|cuda(:(?:0|[1-9]\d*))?)")
 
 
 # ----------------------------------------------------------------------------- YAML
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML, but ``1e-3`` is a float: PyYAML follows YAML 1.1, where it is a string."""
+    """Safe YAML, with three changes that make a mistake an error rather than a surprise.
+
+    ``1e-3`` is a float (PyYAML follows YAML 1.1, where it is a string); a key given twice in one
+    mapping is recorded in :attr:`duplicates` (PyYAML silently keeps the last); and a scalar that
+    its tag cannot construct (``2020-13-45``, ``!!float abc``) is a YAML error at its line, not a
+    Python ``ValueError``.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[tuple[yaml.Mark, str]] = []
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked here, before merge keys (`<<: *base`) pull in the keys that the mapping's own
+        # may override, as YAML intends; once per node, as a merged node is flattened again.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    seen = first.setdefault(key, key_node.start_mark)
+                except TypeError:
+                    continue  # an unhashable key: construct_mapping reports it
+                if seen is not key_node.start_mark:
+                    here = key_node.start_mark
+                    where = (f"on lines {seen.line + 1} and {here.line + 1}" if seen.line != here.line
+                             else f"at columns {seen.column + 1} and {here.column + 1}")  # fmt: skip
+                    problem = f"key {_shown(str(key))} given twice, {where} (a mapping takes each key once)"
+                    self.duplicates.append((here, problem))
+        super().flatten_mapping(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_shown(node.value)} as a {tag}: {exc}", node.start_mark
+            ) from None
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+# YAML 1.2's floats (`1e-3`, not only `1.0e-3`). The dumper knows them too, so that it quotes the
+# string '1e3' (a run name, say) which the loader would otherwise read back as a number.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
 )
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML out, quoting every string that :class:`_Loader` would read as something else."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+class YAMLProblems(yaml.MarkedYAMLError):
+    """Problems found while loading YAML that PyYAML itself accepts (duplicate keys), each at its mark.
+
+    ``problem`` and ``problem_mark`` are the first one's, as for any other YAML error.
+    """
+
+    def __init__(self, found: list[tuple[yaml.Mark, str]]):
+        super().__init__(problem=found[0][1], problem_mark=found[0][0])
+        self.found = found
 
 
 def parse_yaml(text: str) -> Any:
-    """Parse YAML text with the project's loader."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    """Parse YAML text with the project's loader.
+
+    Raises:
+        yaml.MarkedYAMLError: invalid YAML, a character YAML does not allow, a value its tag cannot
+            construct, nesting too deep to parse, or (:class:`YAMLProblems`) keys given twice in
+            one mapping. Each has a ``problem`` and, where known, a ``problem_mark``.
+    """
+    loader = None
+    try:
+        loader = _Loader(text)  # checks every character here
+        data = loader.get_single_data()
+    except yaml.reader.ReaderError as exc:  # no `problem` or mark of its own
+        line = text.count("\n", 0, exc.position)
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1)
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        mark = yaml.Mark("<yaml>", exc.position, line, column, None, None)
+        problem = f"character {char!r} is not allowed in YAML ({exc.reason})"
+        raise yaml.MarkedYAMLError(problem=problem, problem_mark=mark) from None
+    except RecursionError:
+        raise yaml.MarkedYAMLError(problem="nested too deeply to parse") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if loader.duplicates:
+        raise YAMLProblems(loader.duplicates)
+    return data
+
+
+def _yaml_problems(exc: yaml.YAMLError) -> list[tuple[int | None, int | None, str]]:
+    """``(line, column, message)`` for each problem a YAML error carries, 1-based where known."""
+    if isinstance(exc, YAMLProblems):
+        return [(m.line + 1, m.column + 1, problem) for m, problem in exc.found]
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+        # "expected ',' or '}'" is found where the file ends; the brace that was never closed is here.
+        problem += f" ({context} on line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return [(mark.line + 1, mark.column + 1, problem) if mark is not None else (None, None, problem)]
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -178,7 +274,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any, str]]:
         try:
             value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+            problems = "; ".join(problem for _, _, problem in _yaml_problems(exc))
+            raise ConfigError(f"override '{item}': value is not valid YAML ({problems})") from None
         out.append((key, value, item))
     return out
 
@@ -188,6 +285,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any, str]], 
 
     ``optimizer=adagrad`` (a scalar onto a component node) is short for ``optimizer.name=adagrad``.
     """
+    if not isinstance(raw, dict) and overrides:
+        text = overrides[0][2]
+        raise ConfigError(f"override '{text}': the config must be a mapping of keys, got {type(raw).__name__}")
     for key, value, text in overrides:
         parts = key.split(".")
         if len(parts) == 1 and parts[0] in COMPONENTS and not isinstance(value, dict) and value is not None:
@@ -214,10 +314,45 @@ class _Problems:
         self.source, self.origins, self.items = source, origins, []
 
     def add(self, key: str, message: str) -> None:
-        where = self.origins.get(key) or next(
-            (o for k, o in self.origins.items() if key.startswith(k + ".")), self.source
+        # The override that set this key, or a key above it (`trainer=...`), or one below it
+        # (`trainr.epochs=2` made the unknown key 'trainr'); else the file.
+        where = (
+            self.origins.get(key)
+            or next((o for k, o in self.origins.items() if key.startswith(k + ".")), None)
+            or next((o for k, o in self.origins.items() if k.startswith(key + ".")), self.source)
         )
         self.items.append(f"{where}: {key}: {message}")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value for a message, cut short: a pasted list should not flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Strings that a Python or JSON habit writes for null; in YAML they are strings.
+_NULL_WORDS = frozenset({"none", "null", "nil", "nul", "~", "nothing", "undefined"})
+
+
+def _mismatch(value: Any, tp: Any) -> str:
+    """The "expected <what the annotation takes>, got <value>" message, with a hint for 'None' meant as null."""
+    if isinstance(value, str) and not check_type(value, tp):
+        got = f"the string {_shown(value)}"
+        if value.strip().lower() in _NULL_WORDS:
+            also = "" if check_type(None, tp) else ", and this key does not take null"
+            got += f" (YAML's null is written null or ~{also})"
+    else:
+        got = _shown(value)
+    return f"expected {describe(tp)}, got {got}"
+
+
+def _is_import_path(name: str) -> bool:
+    """``pkg.mod.Name`` or ``pkg.mod:Name``: identifiers only, so importlib gets no relative or odd names."""
+    module, colon, attr = name.partition(":")
+    parts = module.split(".")
+    if colon:
+        parts += attr.split(".")
+    return len(parts) >= 2 and all(part.isidentifier() for part in parts)
 
 
 def _suggest(key: str, options: list[str]) -> str:
@@ -230,7 +365,7 @@ def _check_section(raw: Any, cls: type, key: str, problems: _Problems) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        problems.add(key, f"expected a mapping, got {raw!r}")
+        problems.add(key, f"expected a mapping, got {_shown(raw)}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -240,9 +375,14 @@ def _check_section(raw: Any, cls: type, key: str, problems: _Problems) -> Any:
         if k not in hints:
             problems.add(path, f"unknown key '{k}'{_suggest(str(k), names)}")
         elif not check_type(v, hints[k]):
-            problems.add(path, f"expected {describe(hints[k])}, got {v!r}")
+            problems.add(path, _mismatch(v, hints[k]))
+        elif hints[k] in (float, float | None) and isinstance(v, int):
+            try:
+                ok[k] = float(v)
+            except OverflowError:
+                problems.add(path, f"expected {describe(hints[k])}, got an integer too large for a float ({_shown(v)})")
         else:
-            ok[k] = float(v) if hints[k] in (float, float | None) and isinstance(v, int) else v
+            ok[k] = v
     return cls(**ok)
 
 
@@ -255,27 +395,40 @@ def _check_component(raw: Any, key: str, problems: _Problems, required: bool) ->
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
-        problems.add(key, f"expected a mapping with 'name:', got {raw!r}")
+        problems.add(key, f"expected a mapping with 'name:', got {_shown(raw)}")
         return None
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         problems.add(f"{key}.name", f"missing or not a string; registered {registry.kind}s: {', '.join(registry.names())}")
+        return None
+    if name not in registry and ("." in name or ":" in name) and not _is_import_path(name):
+        kind, names = registry.kind, ", ".join(registry.names())
+        problems.add(f"{key}.name", f"{_shown(name)} is neither a registered {kind} nor an import path like "
+                                    f"'mypkg.module:Name'; registered {kind}s: {names}")  # fmt: skip
         return None
     try:
         builder = registry.get(name)
     except UserError as exc:
         problems.add(f"{key}.name", str(exc))
         return None
+    except ImportError as exc:  # the module exists but an import inside it fails
+        problems.add(f"{key}.name", f"cannot import '{name}': {exc.__class__.__name__}: {exc}")
+        return None
     kwargs = {k: v for k, v in raw.items() if k != "name"}
     if key == "optimizer":
         for reserved, tp in OPTIMIZER_RESERVED.items():
             if reserved in kwargs and not isinstance(kwargs[reserved], tp):
-                problems.add(f"{key}.{reserved}", f"expected {describe(tp)}, got {kwargs[reserved]!r}")
+                problems.add(f"{key}.{reserved}", _mismatch(kwargs[reserved], tp))
     # Loaded with the built-in optimizers already; importing it at the top would load torch
     # before a missing config file could be reported.
     from singlestep.optim.flags import TORCH_FLAGS, flag_value_problem, missing_flag_problem
 
-    settable = builder_params(builder, n_runtime)
+    try:
+        settable = builder_params(builder, n_runtime)
+    except (ValueError, TypeError) as exc:  # a builtin or C callable without a signature to check against
+        problems.add(f"{key}.name", f"cannot read the signature of {registry.kind} '{name}' ({exc}); "
+                                    "a component needs a Python signature, which is its config schema")  # fmt: skip
+        return None
     by_name = {p.name: (p, tp) for p, tp in settable}
     for k, v in kwargs.items():
         path = f"{key}.{k}"
@@ -289,7 +442,7 @@ def _check_component(raw: Any, key: str, problems: _Problems, required: bool) ->
             continue
         tp = by_name[k][1]
         if not check_type(v, tp):
-            problems.add(path, f"expected {describe(tp)}, got {v!r}")
+            problems.add(path, _mismatch(v, tp))
         elif flag and flag_value_problem(k, v):
             problems.add(path, flag_value_problem(k, v))
     for p, _ in settable:
@@ -309,13 +462,17 @@ def validate(raw: Any, source: str, origins: dict[str, str] | None = None) -> Co
             problems.add(str(k), f"unknown key '{k}'{_suggest(str(k), list(TOP_LEVEL))}")
     name = raw.get("name", "run")
     if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
-        problems.add("name", f"expected a run name of letters, digits, '.', '_', '+' or '-', got {name!r}")
+        problems.add("name", f"expected a run name of letters, digits, '.', '_', '+' or '-', got {_shown(name)}")
     seed = raw.get("seed", 0)
     if not check_type(seed, int):
-        problems.add("seed", f"expected an integer, got {seed!r}")
+        problems.add("seed", _mismatch(seed, int))
+    elif not -(2**63) <= seed < 2**64:
+        problems.add("seed", f"must fit in 64 bits (torch.manual_seed takes -2**63 to 2**64 - 1), got {seed}")
     device = raw.get("device", "auto")
-    if not isinstance(device, str) or not _DEVICE_RE.match(device):
-        problems.add("device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
+    match = _DEVICE_RE.fullmatch(device) if isinstance(device, str) else None
+    # torch keeps a device index in 8 bits: 'cuda:200' would silently become cuda:-56.
+    if match is None or (match.group(2) and int(match.group(2)[1:]) > 127):
+        problems.add("device", f"expected auto, cpu, cuda or cuda:N (N up to 127), got {_shown(device)}")
     model = _check_component(raw.get("model"), "model", problems, required=True)
     data = _check_component(raw.get("data"), "data", problems, required=True)
     optimizer = _check_component(raw.get("optimizer"), "optimizer", problems, required=True)
@@ -349,7 +506,7 @@ def _check_trainer_values(t: TrainerConfig, problems: _Problems) -> None:
             problems.add(f"trainer.{key}", f"must be >= 1 or null, got {value}")
     for key in ("clip_grad_norm", "clip_grad_value"):
         value = getattr(t, key)
-        if isinstance(value, (int, float)) and value <= 0:
+        if isinstance(value, (int, float)) and not value > 0:  # `not >` so that .nan fails too
             problems.add(f"trainer.{key}", f"must be > 0 or null (off), got {value}")
     if t.mode == "per_sample" and t.grad_accum_steps != 1:
         problems.add("trainer.grad_accum_steps", "per_sample mode takes one step per sample; accumulation needs mode: minibatch")
@@ -377,14 +534,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # a folder, no permission, not UTF-8, a NUL in the path
         raise ConfigError(f"{source}: cannot read config ({exc.__class__.__name__}: {exc})") from None
     try:
         raw = parse_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        problems = []
+        for line, column, problem in _yaml_problems(exc):
+            where = f"{source}:{line}:{column}" if line is not None else source
+            problems.append(f"{where}: invalid YAML: {problem}")
+        raise ConfigError(problems) from None
     return config_from_dict({} if raw is None else raw, source, overrides)
 
 
@@ -421,4 +580,5 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def dump_yaml(data: dict[str, Any]) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    """YAML text that :func:`parse_yaml` reads back as ``data`` (strings like '1e3' stay strings)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=100)

@@ -7,7 +7,6 @@ defaults) and their defaults. Nothing here knows about config files; ``singleste
 
 from __future__ import annotations
 
-import collections.abc
 import inspect
 import types
 import typing
@@ -16,22 +15,59 @@ from typing import Any, Callable, Literal
 __all__ = ["builder_kwargs", "builder_params", "check_type", "describe"]
 
 
-def describe(tp: Any) -> str:
+# How a value of each plain type reads in a message: (one, several).
+_NAMES: dict[Any, tuple[str, str]] = {
+    float: ("a number", "numbers"),
+    int: ("an integer", "integers"),
+    bool: ("true/false", "true/false values"),
+    str: ("a string", "strings"),
+    dict: ("a mapping", "mappings"),
+    type(None): ("null", "nulls"),
+}
+
+
+def _is_tensor(tp: Any) -> bool:
+    return isinstance(tp, type) and tp.__name__ == "Tensor" and tp.__module__.startswith("torch")
+
+
+def _is_sequence(tp: Any, origin: Any) -> bool:
+    return tp in (list, tuple) or origin in (list, tuple) or getattr(origin, "__name__", "") in ("Sequence", "Iterable")
+
+
+def describe(tp: Any, plural: bool = False) -> str:
+    """What an annotation accepts, in words: ``tuple[float, float]`` reads "a list of 2 numbers".
+
+    Args:
+        tp: the annotation.
+        plural: the words for several such values ("numbers"), as the items of a list.
+    """
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
     if tp is inspect.Parameter.empty or tp is Any:
-        return "any value"
+        return "values" if plural else "any value"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(a) for a in typing.get_args(tp))
+        # YAML cannot give a tensor: `float | Tensor` reads "a number".
+        options = [a for a in args if not _is_tensor(a)] or list(args)
+        return " or ".join(dict.fromkeys(describe(a, plural) for a in options))
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (list, tuple, typing.Sequence, collections.abc.Sequence):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        inner = " or ".join(sorted({describe(a) for a in args})) if args else "values"
-        return f"a list of {inner}"
-    if tp is type(None):
-        return "null"
-    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string", dict: "a mapping"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
+        return ("values from " if plural else "one of ") + ", ".join(repr(a) for a in args)
+    if _is_sequence(tp, origin):
+        lists = "lists" if plural else "a list"
+        if origin is tuple and args and Ellipsis not in args:
+            items = [describe(a) for a in args]
+            if len(args) == 1:
+                return f"{lists} of one item, {items[0]}"
+            if len(set(items)) == 1:
+                return f"{lists} of {len(args)} {describe(args[0], plural=True)}"
+            return f"{lists} of {len(args)} items: {', '.join(items)}"
+        inner = [a for a in args if a is not Ellipsis]
+        return f"{lists} of {' or '.join(dict.fromkeys(describe(a, plural=True) for a in inner))}" if inner else lists
+    if isinstance(tp, type) and tp in _NAMES:
+        return _NAMES[tp][plural]
+    if _is_tensor(tp):
+        return "tensors (which YAML cannot give)" if plural else "a tensor (which YAML cannot give)"
+    name = getattr(tp, "__name__", str(tp))
+    return f"{name} values" if plural else name
 
 
 def check_type(value: Any, tp: Any) -> bool:
@@ -43,7 +79,7 @@ def check_type(value: Any, tp: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(check_type(value, a) for a in args)
     if origin is Literal:
-        return value in args
+        return any(value == a and type(value) is type(a) for a in args)
     if tp is type(None):
         return value is None
     if tp is float:
@@ -54,7 +90,7 @@ def check_type(value: Any, tp: Any) -> bool:
         return isinstance(value, tp)
     if tp in (dict,) or origin is dict:
         return isinstance(value, dict)
-    if tp in (list, tuple) or origin in (list, tuple) or (origin and getattr(origin, "__name__", "") in ("Sequence", "Iterable")):
+    if _is_sequence(tp, origin):
         if not isinstance(value, (list, tuple)):
             return False
         inner = [a for a in args if a is not Ellipsis]
@@ -62,9 +98,12 @@ def check_type(value: Any, tp: Any) -> bool:
             return len(value) == len(args) and all(check_type(v, a) for v, a in zip(value, args))
         return all(any(check_type(v, a) for a in inner) for v in value) if inner else True
     if isinstance(tp, type):
-        if tp.__module__.startswith("torch") and tp.__name__ == "Tensor":
+        if _is_tensor(tp):
             return False  # YAML cannot produce a tensor; a union with float still matches
-        return isinstance(value, tp)
+        try:
+            return isinstance(value, tp)
+        except TypeError:  # a Protocol that is not runtime-checkable, say: an annotation we cannot check
+            return True
     return True
 
 
