@@ -21,10 +21,14 @@ import os
 import pickle
 import random
 import re
+import time
 import warnings
+import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +36,24 @@ import torch
 import singlestep
 from singlestep.errors import ConfigError, UserError
 
-__all__ = ["FORMAT", "RESUMABLE_KEYS", "changed_keys", "find_checkpoint", "load_checkpoint", "not_plain",
-           "prune", "resume_config", "rng_state", "save_checkpoint", "set_rng_state", "versions"]  # fmt: skip
+__all__ = [
+    "FORMAT",
+    "RESUMABLE_KEYS",
+    "Resume",
+    "changed_keys",
+    "check_belongs",
+    "checkpoints",
+    "find_checkpoint",
+    "load_checkpoint",
+    "not_plain",
+    "prune",
+    "resume_config",
+    "rng_state",
+    "save_checkpoint",
+    "set_aside_newer",
+    "set_rng_state",
+    "versions",
+]  # fmt: skip
 
 FORMAT = 1
 # Config keys a resumed run may change: it may train longer (or stop earlier, but not before the
@@ -128,23 +148,55 @@ def prune(folder: Path, keep: int) -> None:
 
 
 def find_checkpoint(target: str | Path) -> tuple[Path, Path]:
-    """``--resume``'s argument, a run folder or a checkpoint file, as ``(run_dir, checkpoint)``;
-    a folder resumes from its newest checkpoint.
+    """``--resume``'s argument, a run folder, its ``checkpoints/`` or a checkpoint file in it, as
+    ``(run_dir, checkpoint)``; a folder resumes from its newest checkpoint.
 
     Raises:
-        UserError: no such folder or file, or a folder without checkpoints.
+        UserError: no such folder or file, a folder without checkpoints, or a file that is not in
+            a run folder's ``checkpoints/`` (a resume writes into the run folder it belongs to).
     """
     target = Path(target)
     if target.is_file():
-        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        run_dir = target.parent.parent
+        if target.parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume {target}: a checkpoint resumes in its own run folder, "
+                            "RUN_DIR/checkpoints/step-<N>.pt; this file is not in one")  # fmt: skip
         return run_dir, target
     if not target.is_dir():
         raise UserError(f"--resume {target}: no such run folder or checkpoint file")
+    if target.name == "checkpoints" and (target.parent / "config.yaml").is_file():
+        target = target.parent
     found = checkpoints(target / "checkpoints")
     if not found:
-        hint = " (it has no checkpoints/ folder: was it written by singlestep.train?)"
-        raise UserError(f"--resume {target}: no checkpoint to resume from{hint if not (target / 'checkpoints').exists() else ''}")
+        why = "its checkpoints/ folder is empty" if (target / "checkpoints").is_dir() else "it has no checkpoints/ folder"
+        raise UserError(f"--resume {target}: no checkpoint to resume from ({why}); start the run again with --config")
     return target, found[-1]
+
+
+def set_aside_newer(folder: Path, chosen: Path) -> Path | None:
+    """Move the checkpoints newer than ``chosen`` into ``folder/abandoned-<time>/`` (never deleted):
+    a run resumed from an older checkpoint makes them a future it no longer has, and a later
+    ``--resume RUN_DIR`` must not pick them. Returns where they went, or None."""
+    newer = [p for p in checkpoints(folder) if _step(p) > _step(chosen)]
+    if not newer:
+        return None
+    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 2
+    while aside.exists():
+        aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        n += 1
+    aside.mkdir()
+    for p in newer:
+        os.replace(p, aside / p.name)
+    return aside
+
+
+def _step(path: Path) -> int:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+_KEYS = ("format", "versions", "config", "model", "optimizer", "scheduler", "loop", "rng", "engine", "metrics_bytes")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -154,18 +206,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         UserError: unreadable, truncated, not a singlestep checkpoint, or holding a Python object
             that a weights-only load refuses (it is never unpickled).
     """
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} is not a checkpoint file (not a torch.save archive; truncated or another file?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        why = f"it names {found.group(1)}" if found else str(exc).strip().splitlines()[0]
+        why = f"it names {found.group(1)}" if found else _first_line(exc)
         raise UserError(f"checkpoint {path} holds something other than tensors and plain values ({why}); refused: "
                         "checkpoints are loaded with weights_only=True and never run pickled code") from None  # fmt: skip
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {_first_line(exc)}; truncated?)") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not a singlestep checkpoint (format {FORMAT})")
+    missing = [k for k in _KEYS if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "no message"
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -202,6 +264,15 @@ def changed_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def _show(value: Any) -> str:
     return "null" if value is None else value if isinstance(value, str) else repr(value)
+
+
+@dataclass
+class Resume:
+    """Where a resumed run continues: its folder and the loaded checkpoint (``checkpoint.py``)."""
+
+    run_dir: Path
+    path: Path
+    state: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- what else a run holds
@@ -244,13 +315,35 @@ def resume_config(state: Mapping[str, Any], overrides: list[str], source: str) -
     changed = changed_keys(state["config"], config_to_dict(cfg))
     if changed:
         allowed = " or ".join(RESUMABLE_KEYS)
-        raise ConfigError([f"resuming from {source}: these keys differ from the checkpoint's run: {', '.join(changed)}; "
-                           f"a resumed run may only change {allowed} (start a new run to change anything else)"])  # fmt: skip
-    saved = state.get("versions", {})
-    if saved.get("torch") != torch.__version__:
-        warnings.warn(f"checkpoint written with torch {saved.get('torch')}, resuming with {torch.__version__}: "
-                      "the numbers may differ in their last bits from an uninterrupted run", stacklevel=2)  # fmt: skip
+        raise ConfigError(f"resuming from {source}: these keys differ from the checkpoint's run: {', '.join(changed)}; "
+                          f"a resumed run may only change {allowed} (start a new run to change anything else)")  # fmt: skip
+    saved, now = state.get("versions", {}), versions()
+    for name in ("torch", "singlestep"):
+        if saved.get(name) != now[name]:
+            warnings.warn(f"checkpoint written with {name} {saved.get(name)}, resuming with {now[name]}: the numbers "
+                          "may differ from an uninterrupted run", stacklevel=2)  # fmt: skip
     return cfg
+
+
+def check_belongs(run_dir: Path, state: Mapping[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose config is not the run folder's (up to :data:`RESUMABLE_KEYS`): a
+    resume rewrites the folder's metrics, summary and weights.
+
+    Raises:
+        UserError: the folder's config.yaml is missing, unreadable or another run's.
+    """
+    from singlestep.config import parse_yaml
+
+    try:
+        folder_config = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, UserError) as exc:
+        raise UserError(f"--resume: cannot read {run_dir / 'config.yaml'} ({exc})") from None
+    changed = changed_keys(folder_config if isinstance(folder_config, dict) else {}, state["config"])
+    if changed:
+        raise UserError(f"--resume: checkpoint {path} and the config.yaml of {run_dir} differ "
+                        f"({'; '.join(changed[:3])}): the checkpoint belongs to another run, or config.yaml "
+                        "was edited (a resume keeps the checkpoint's config; pass trainer.epochs=N or "
+                        "trainer.max_steps=N to train longer); nothing was changed")  # fmt: skip
 
 
 def _copy(tree: Any) -> Any:

@@ -1,6 +1,6 @@
 """Draw training curves from run folders, and a metric against the learning rate for a sweep.
 
-    python -m singlestep.plot RUN_DIR [...] [--out FILE.png] [--metric NAME ...] [--x step|epoch|time] [--title TEXT]
+    python -m singlestep.plot RUN_DIR [...] [--out FILE.png|DIR] [--metric NAME ...] [--x step|epoch|time] [--title TEXT]
 
 :func:`plot_runs` reads each run's ``metrics.jsonl`` and draws one panel per metric, in a grid:
 the loss (train solid, val dashed with markers), the task's metric (``accuracy``, ``perplexity``
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -126,14 +127,21 @@ class _Run(NamedTuple):
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read '{path}': {exc.strerror}") from None
+    lines = [(n, line) for n, line in enumerate(data.splitlines(), 1) if line.strip()]
     records = []
-    for i, (n, line) in enumerate(lines):
+    for i, (n, raw) in enumerate(lines):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a run that crashed mid-write leaves half a last line
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if i == len(lines) - 1:  # a run that crashed mid-write leaves half a last line (half a character too)
                 break
+            if isinstance(exc, UnicodeDecodeError):
+                raise UserError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "the file is damaged") from None  # fmt: skip
             raise UserError(f"{path}:{n}: not a JSON object; the file is damaged") from None
         if isinstance(record, dict) and record.get("event") in ("train", "eval"):
             records.append(record)
@@ -154,6 +162,8 @@ def _load_run(run_dir: str | Path) -> _Run:
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
     except OSError:
         config = {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path / 'config.yaml'}: not UTF-8 text; the file is damaged") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path / 'config.yaml'}: not valid YAML ({exc})") from None
     return _Run(path, config if isinstance(config, dict) else {}, records)
@@ -189,6 +199,8 @@ def _figure(figsize: tuple[float, float], dpi: int):
 
 def _save(fig, out: str | Path) -> Path:
     out = Path(out)
+    if not out.suffix and out.name:  # matplotlib would write out.png: return the path it writes
+        out = out.with_name(out.name + ".png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=DPI)
@@ -375,7 +387,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example: python -m singlestep.plot runs/a runs/b --metric loss --metric accuracy --x epoch",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by singlestep.train")
-    p.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png for one run, else ./curves.png)")
+    p.add_argument("--out", help="PNG to write, or a folder to write curves.png into "
+                   "(default: RUN_DIR/curves.png for one run, else ./curves.png)")  # fmt: skip
     p.add_argument("--metric", action="append", dest="metrics", metavar="NAME", help="a panel; repeat for more")
     p.add_argument("--x", default="step", choices=list(X_LABELS), help="x axis (default: step)")
     p.add_argument("--title", help="figure title")
@@ -387,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
+        if args.out and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):  # a folder: curves.png in it
+            out = Path(args.out) / "curves.png"
         print(plot_runs(args.run_dirs, out, metrics=args.metrics, x=args.x, title=args.title))
         return 0
     except UserError as exc:

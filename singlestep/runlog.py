@@ -7,14 +7,13 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from singlestep.errors import UserError
 
-__all__ = ["RunDir", "make_run_dir", "Progress", "tensorboard_available", "write_atomic"]
+__all__ = ["Progress", "RunDir", "make_run_dir", "tensorboard_available", "write_atomic"]
 
 
 def make_run_dir(base: str, name: str, exact: str | None) -> Path:
@@ -25,19 +24,39 @@ def make_run_dir(base: str, name: str, exact: str | None) -> Path:
     if exact is not None:
         path = Path(exact)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UserError(f"output.run_dir '{path}' already exists and is not empty; choose a new folder")
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(base) / f"{name}-{stamp}"
-        n = 2
-        while path.exists():
-            path = Path(base) / f"{name}-{stamp}-{n}"
-            n += 1
+            raise UserError(f"output.run_dir '{path}' already exists and is not empty{_what_is_there(path)}; "
+                            "choose a new folder (a run folder is never overwritten)")  # fmt: skip
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run folder '{path}': {exc.strerror}") from None
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        path = Path(base) / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)  # not exist_ok: two runs started in the same second get two folders
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot create run folder '{path}': {exc.strerror}") from None
+    raise UserError(f"cannot create a run folder under '{base}': too many runs named {name}-{stamp}")
+
+
+def _what_is_there(path: Path) -> str:
+    """A hint about an existing run folder: its status, and whether it can be resumed."""
+    if not path.is_dir():
+        return ""
+    status = ""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create run folder '{path}': {exc.strerror}") from None
-    return path
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        status = f" (a run that ended with status {summary.get('status', 'ok')!r})"
+    except (OSError, ValueError):
+        status = " (a run that has not finished)" if (path / "metrics.jsonl").exists() else ""
+    if any((path / "checkpoints").glob("step-*.pt")):
+        status += f"; to continue it: python -m singlestep.train --resume {path}"
+    return status
 
 
 def _clean(value: Any) -> Any:
@@ -76,15 +95,25 @@ class RunDir:
     def __init__(self, path: Path, *, elapsed: float = 0.0, metrics_bytes: int | None = None,
                  tensorboard: bool = False, step: int = 0):  # fmt: skip
         self.path = path
+        self._lock = _lock(path)  # before anything is written: one process per run folder
         self._start = time.perf_counter() - elapsed
         metrics = path / "metrics.jsonl"
-        if metrics_bytes is not None and metrics.exists() and metrics.stat().st_size > metrics_bytes:
-            os.truncate(metrics, metrics_bytes)
+        if metrics_bytes is not None:
+            _cut_back(metrics, metrics_bytes)
         self._metrics = open(metrics, "a", encoding="utf-8")
-        self._tb = _tensorboard_writer(path, step) if tensorboard else None
+        self._tb = None
+        if tensorboard:
+            self._tb = _tensorboard_writer(path, step)
+            if step:  # purge_step dropped the events at this step too: those kept in metrics.jsonl go back
+                for line in metrics.read_text(encoding="utf-8").splitlines():
+                    event = json.loads(line)
+                    if event.get("step") == step:
+                        self._tensorboard(event)
 
     def write_config(self, resolved: dict[str, Any]) -> None:
-        write_atomic(self.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None))
+        from singlestep.config import dump_yaml  # quotes strings that would reload as numbers
+
+        write_atomic(self.path / "config.yaml", dump_yaml(resolved))
 
     def elapsed(self) -> float:
         """Seconds since the run started, across resumes."""
@@ -97,13 +126,18 @@ class RunDir:
         self._metrics.write(json.dumps(_clean(event)) + "\n")
         self._metrics.flush()
         if self._tb is not None:
-            split = event.get("split", event.get("event"))
-            for key, value in event.items():
-                if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{split}/{key}", value, global_step=event["step"], walltime=None)
+            self._tensorboard(event)
+
+    def _tensorboard(self, event: dict[str, Any]) -> None:
+        split = event.get("split", event.get("event"))
+        for key, value in event.items():
+            if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{split}/{key}", value, global_step=event["step"])
 
     def metrics_bytes(self) -> int:
-        """metrics.jsonl's length now (a checkpoint records it)."""
+        """metrics.jsonl's length now, synced to disk (a checkpoint, itself synced, records it)."""
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
         return self._metrics.tell()
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
@@ -113,6 +147,44 @@ class RunDir:
         self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+
+
+def _lock(path: Path) -> Any:
+    """An exclusive lock on ``path/.lock`` for this process's lifetime (None where ``fcntl`` is
+    missing): a second process resuming or writing the same folder gets a clear error instead of
+    interleaving its lines with the first's."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: no lock
+        return None
+    handle = open(path / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"run folder {path} is in use by another process (a run still going?); "
+                        "wait for it to end or stop it first") from None  # fmt: skip
+    return handle
+
+
+def _cut_back(metrics: Path, length: int) -> None:
+    """Cut ``metrics.jsonl`` back to ``length`` bytes, where a checkpoint was taken; refuse when that
+    is not a line's end (the file is not the one the checkpoint saw)."""
+    size = metrics.stat().st_size if metrics.exists() else 0
+    if size < length:
+        warnings.warn(f"{metrics} is shorter ({size} bytes) than when the checkpoint was taken ({length}): "
+                      "some lines before the resume are missing", stacklevel=3)  # fmt: skip
+        return
+    if length:
+        with open(metrics, "rb") as f:
+            f.seek(length - 1)
+            if f.read(1) != b"\n":
+                raise UserError(f"{metrics} does not match the checkpoint (byte {length} is not the end of a "
+                                "line): the folder was written after it by another run; nothing was changed")  # fmt: skip
+    if size > length:
+        os.truncate(metrics, length)
 
 
 _NOT_SCALARS = {"event", "split", "step", "epoch", "time"}

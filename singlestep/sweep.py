@@ -10,11 +10,17 @@ anything starts, so a typo is one error, not N failed runs; a value the optimize
 (a negative lr) is a failed row. The table (:mod:`singlestep.sweep_table`) goes to ``summary.csv``,
 ``summary.md`` and ``sweep.json``, with ``best.png`` and ``lr.png`` beside them.
 
-The same ``--out`` again continues the sweep: finished runs are skipped, an unfinished one with
-``checkpoints/`` is resumed (``train --resume``), any other unfinished folder is moved aside to
-``<slug>.incomplete-N`` and the run starts over; failed runs are retried.
+A run that stops itself because training went wrong (``train`` exit code 3, ``summary.json``
+status ``diverged``) is a ``diverged`` row with the summary's reason; one that failed (status
+``failed``, or no summary) a ``failed`` row with the summary's ``error`` (else the run's last
+``error:`` line or its exit code).
 
-Exit codes: 0 done (failed rows included), 2 user error, 130 interrupted. Ctrl-C (or SIGTERM)
+The same ``--out`` again continues the sweep: finished runs (ok or diverged) are skipped, an
+unfinished one with a checkpoint file in ``checkpoints/`` is resumed (``train --resume``), any other
+unfinished folder is moved aside to ``<slug>.incomplete-N`` and the run starts over; failed runs are
+retried.
+
+Exit codes: 0 done (failed and diverged rows included), 2 user error, 130 interrupted. Ctrl-C (or SIGTERM)
 forwards one SIGINT to each running child, which checkpoints and exits; a second Ctrl-C kills
 them. Children run in their own session, so a terminal's Ctrl-C reaches them only through the
 sweep (once), and a sweep killed with SIGKILL leaves them running.
@@ -42,11 +48,22 @@ from typing import Any
 import yaml
 
 from singlestep.errors import UserError
-from singlestep.sweep_table import Run, failure_reason, fmt_value, read_summary, report, short_label
+from singlestep.sweep_table import (
+    Run,
+    failure_reason,
+    finished_run,
+    fmt_value,
+    read_summary,
+    report,
+    short_label,
+    short_reason,
+    summary_error,
+)
 
 __all__ = ["main", "make_slugs", "parse_grid"]
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # train's code for a run that stopped itself: training went wrong (summary.json says why)
 EXIT_INTERRUPTED = 130
 GRID_HELP = "expected key=v1,v2,... or key=log:LO:HI:N or key=lin:LO:HI:N, e.g. optimizer.lr=log:1e-3:1:7"
 MAX_SLUG = 100  # leaves room under the 255-byte file name limit for ".incomplete-N" and ".log"
@@ -301,14 +318,19 @@ class _Sweep:
             finite = isinstance(value, (int, float)) and math.isfinite(value)
             word = "skipped (finished earlier)" if skipped else "ok" if finite or self.metric_error else "diverged"
             text = f"{word} {metric} {value:.4g}" if finite else f"{word} {metric} {value}"
-        elif run.status == "failed":
-            text = f"failed: {run.reason}"
+        elif run.status in ("failed", "diverged"):
+            text = f"{run.status}: {short_reason(run.reason)}" if run.reason else run.status
+            text = f"skipped (finished earlier) {text}" if skipped else text
         timing = "" if skipped else f" ({job.seconds:.1f} s)"
         print(f"[{self.done}/{len(self.jobs)}] {job.label}: {text}{timing}", flush=True)
 
     def _start(self, job: _Job) -> None:
+        from singlestep.checkpoint import checkpoints
+
         run_dir, log = self.runs_dir / job.slug, self.runs_dir / f"{job.slug}.log"
-        if (run_dir / "checkpoints").is_dir():
+        # Resume only from a checkpoint file: a first write that failed (or was killed) leaves
+        # checkpoints/ empty or with only a hidden .step-*.tmp, and --resume would fail every time.
+        if checkpoints(run_dir / "checkpoints"):
             cmd = [sys.executable, "-m", "singlestep.train", "--resume", str(run_dir)]
         else:
             if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -332,14 +354,22 @@ class _Sweep:
         job.seconds = time.perf_counter() - started
         run_dir = self.runs_dir / job.slug
         summary = read_summary(run_dir)
+        status = summary.get("status") if summary is not None else None  # None: no summary, or an older one
         interrupted = rc in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM) or (rc == -signal.SIGKILL and
                                                                                    self.forwarded > 1)  # fmt: skip
-        if rc == 0 and summary is not None and not summary.get("interrupted"):
-            job.run = Run(job.seed, "ok", summary=summary, run_dir=run_dir)
-        elif interrupted or (summary is not None and summary.get("interrupted")):
+        finished = finished_run(job.seed, run_dir, summary)
+        if status == "diverged" or rc == EXIT_DIVERGED:
+            reason = summary_error(summary) if status == "diverged" else ""
+            job.run = Run(job.seed, "diverged", reason=reason or failure_reason(log, offset, rc), summary=summary,
+                          run_dir=run_dir)  # fmt: skip
+        elif rc == 0 and finished is not None:
+            job.run = finished
+        elif interrupted or status == "interrupted" or (status is None and summary and summary.get("interrupted")):
             job.run = Run(job.seed, "interrupted", run_dir=run_dir)
         else:
-            reason = "exit code 0 but no summary.json" if rc == 0 else failure_reason(log, offset, rc)
+            reason = summary_error(summary) if status == "failed" else ""
+            if not reason:
+                reason = "exit code 0 but no summary.json" if rc == 0 else failure_reason(log, offset, rc)
             job.run = Run(job.seed, "failed", reason=reason, run_dir=run_dir)
         self._report(job)
 
@@ -353,9 +383,8 @@ class _Sweep:
         for job in self.jobs:
             run_dir = self.runs_dir / job.slug
             _check_same_config(run_dir, job.expected)
-            summary = read_summary(run_dir)
-            if summary is not None and not summary.get("interrupted"):
-                job.run = Run(job.seed, "ok", summary=summary, run_dir=run_dir)
+            job.run = finished_run(job.seed, run_dir, read_summary(run_dir))
+            if job.run is not None:  # ok or diverged: not run again
                 self.skipped += 1
                 self._report(job, skipped=True)
             else:
@@ -438,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         report(out, {k: [v for v, _ in vals] for k, vals in grid.items()},
                [(js[0].values, [j.run for j in js]) for js in combos.values()], sweep.metric or "val.loss", info,
                fallback_label=optimizer)  # fmt: skip
-        n_ok = sum(j.run.status == "ok" for j in jobs)
+        n_ok = sum(j.run.status in ("ok", "diverged") for j in jobs)  # finished: not run again
         where = f"{out / 'summary.md'} (also summary.csv, sweep.json)"
         if stopped:
             again = "the same command" if args.out else f"the same command with --out {out}"

@@ -22,14 +22,16 @@ from typing import Any
 from singlestep.errors import UserError
 from singlestep.runlog import write_atomic
 
-__all__ = ["Row", "Run", "aggregate", "draw_plots", "failure_reason", "fmt_value", "higher_is_better", "markdown",
-           "metric_value", "rank", "read_summary", "report", "short_label", "write_tables"]  # fmt: skip
+__all__ = ["Row", "Run", "aggregate", "draw_plots", "failure_reason", "finished_run", "fmt_value", "higher_is_better",
+           "markdown", "metric_value", "rank", "read_summary", "report", "short_label", "short_reason",
+           "summary_error", "write_tables"]  # fmt: skip
 
 # Every other metric (loss, mse, mae, perplexity, bits_per_char) ranks lower-is-better.
 HIGHER_IS_BETTER = {"accuracy", "f1", "precision", "recall", "r2"}
 # Rows without a mean go after the ranked ones, in this order; "failed" is always last.
 _UNRANKED_ORDER = ("diverged", "interrupted", "not run", "failed")
 MAX_BEST_CURVES = 10  # best.png stays readable; the table has every row
+MAX_REASON = 160  # a reason in the table's status cell; sweep.json keeps the whole line
 
 
 @dataclass
@@ -37,7 +39,9 @@ class Run:
     """The outcome of one (combination, seed) training run.
 
     ``status`` is ``ok`` (finished; :func:`aggregate` turns it into ``diverged`` when the metric is
-    not finite), ``failed`` (``reason`` says why), ``interrupted`` or ``not run``.
+    not finite), ``diverged`` (the run stopped itself, exit code 3; ``reason`` says why), ``failed``
+    (``reason`` says why), ``interrupted`` or ``not run``. ``ok`` and ``diverged`` are finished: a
+    rerun of the sweep skips them.
     """
 
     seed: int
@@ -62,6 +66,8 @@ class Row:
     best: bool = False
     index: int = 0  # the combination's place in the grid: pictures keep one colour per group in grid order
     run_dirs: list[Path] = field(default_factory=list)  # the finished seeds' folders, in seed order
+    best_run_dir: Path | None = None  # the finished seed with the best metric (best.png draws it)
+    best_seed: int | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)  # per seed, for sweep.json
 
 
@@ -72,6 +78,43 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def summary_error(summary: Mapping[str, Any] | None) -> str:
+    """The summary's ``error`` as one line (a run that diverged or failed says why there), or ``""``."""
+    error = (summary or {}).get("error")
+    if not isinstance(error, str):
+        return ""
+    return " ".join(error.split()).removeprefix("error:").strip()
+
+
+def short_reason(text: str, limit: int = MAX_REASON) -> str:
+    """A reason short enough for a table cell: a trailing ``(...)`` hint goes first, then words."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    if text.endswith(")") and " (" in text:
+        head = text[: text.rindex(" (")]
+        if head and len(head) <= limit:
+            return head
+    cut = text[: limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2 :] else cut).rstrip(" ,;:") + "…"
+
+
+def finished_run(seed: int, run_dir: Path, summary: Mapping[str, Any] | None) -> Run | None:
+    """The run's outcome from its ``summary.json`` when it finished (``ok`` or ``diverged``), else None.
+
+    A summary with ``status`` says it (``interrupted`` and ``failed`` are not finished: a rerun
+    resumes or retries them); an older one without it is finished unless ``interrupted`` is true.
+    """
+    if summary is None:
+        return None
+    status = summary.get("status")
+    if status == "diverged":
+        return Run(seed, "diverged", reason=summary_error(summary), summary=dict(summary), run_dir=run_dir)
+    if status == "ok" or (status is None and not summary.get("interrupted")):
+        return Run(seed, "ok", summary=dict(summary), run_dir=run_dir)
+    return None
 
 
 def failure_reason(log: Path, offset: int, rc: int) -> str:
@@ -111,8 +154,9 @@ def aggregate(values: dict[str, Any], runs: Sequence[Run], metric: str) -> Row:
     """Fold one combination's runs (one per seed) into a row.
 
     Status: ``ok`` when every seed finished with a finite metric; ``interrupted`` when a seed was
-    interrupted or not run; else ``diverged`` / ``failed: <reason>`` when no seed finished, and
-    ``partial: ...`` (naming the seeds that did not) when some did.
+    interrupted or not run; else ``diverged`` / ``diverged: <reason>`` / ``failed: <reason>`` when
+    no seed finished, and ``partial: ...`` (naming the seeds that did not) when some did. Reasons
+    are shortened (:func:`short_reason`); ``runs`` keeps each seed's whole one.
     """
     finished: list[tuple[Run, float]] = []
     outcome: list[tuple[Run, str]] = []  # (run, "ok" | "diverged" | other status)
@@ -134,9 +178,12 @@ def aggregate(values: dict[str, Any], runs: Sequence[Run], metric: str) -> Row:
         status = "not run"
     elif not finished:
         failed = [r for r, s in outcome if s == "failed"]
-        status = f"failed: {failed[0].reason}" if failed else "diverged"
+        diverged = [r for r, s in outcome if s == "diverged" and r.reason]
+        status = (f"failed: {short_reason(failed[0].reason)}" if failed
+                  else f"diverged: {short_reason(diverged[0].reason)}" if diverged else "diverged")  # fmt: skip
     else:
-        why = [f"seed {r.seed} {'failed: ' + r.reason if s == 'failed' else s}" for r, s in outcome if s != "ok"]
+        why = [f"seed {r.seed} {s}: {short_reason(r.reason)}" if s in ("failed", "diverged") and r.reason
+               else f"seed {r.seed} {s}" for r, s in outcome if s != "ok"]  # fmt: skip
         status = "partial: " + "; ".join(why)
     values_ok = [v for _, v in finished]
     summaries = [r.summary or {} for r, _ in finished]
@@ -144,6 +191,8 @@ def aggregate(values: dict[str, Any], runs: Sequence[Run], metric: str) -> Row:
     walls = [s["wall_seconds"] for s in summaries if isinstance(s.get("wall_seconds"), (int, float))]
     per_seed = [{"seed": r.seed, "status": s, "reason": r.reason, "run_dir": str(r.run_dir) if r.run_dir else None,
                  "metric": metric_value(r.summary, metric) if s == "ok" else None} for r, s in outcome]  # fmt: skip
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    best = min(finished, key=lambda rv: sign * rv[1], default=None)  # ties: the first seed
     return Row(
         values=dict(values),
         status=status,
@@ -154,6 +203,8 @@ def aggregate(values: dict[str, Any], runs: Sequence[Run], metric: str) -> Row:
         steps=max(steps) if steps else None,
         wall_seconds=statistics.fmean(walls) if walls else None,
         run_dirs=[r.run_dir for r, _ in finished if r.run_dir is not None],
+        best_run_dir=best[0].run_dir if best else None,
+        best_seed=best[0].seed if best else None,
         runs=per_seed,
     )
 
@@ -292,8 +343,8 @@ def write_tables(out: Path, rows: Sequence[Row], grid: Mapping[str, Sequence[Any
 
 
 def draw_plots(out: Path, rows: Sequence[Row], metric: str, lr_key: str | None, fallback_label: str) -> list[str]:
-    """Draw ``best.png`` (the best finished run of each group overlaid) and ``lr.png`` (the metric
-    against the learning rate, a line per group; only with an lr key).
+    """Draw ``best.png`` (the best row of each group, by its best seed's run, overlaid) and ``lr.png``
+    (the metric against the learning rate, a line per group; only with an lr key).
 
     Returns:
         One line per picture: the path written, or a note saying why not (matplotlib missing,
@@ -312,7 +363,8 @@ def draw_plots(out: Path, rows: Sequence[Row], metric: str, lr_key: str | None, 
     curves: dict[str, list[tuple[float, float, float]]] = {}
     if lr_key is not None:
         for row in sorted(rows, key=lambda r: r.index):
-            if isinstance(row.values.get(lr_key), (int, float)) and (row.mean is not None or row.status == "diverged"):
+            diverged = row.status.partition(":")[0] == "diverged"
+            if isinstance(row.values.get(lr_key), (int, float)) and (row.mean is not None or diverged):
                 label = short_label({k: v for k, v in row.values.items() if k != lr_key}, fallback_label)
                 mean = math.nan if row.mean is None else row.mean
                 std = math.nan if row.std is None else row.std
@@ -327,10 +379,11 @@ def draw_plots(out: Path, rows: Sequence[Row], metric: str, lr_key: str | None, 
             notes.append(f"warning: no {name} ({type(exc).__name__}: {exc}); the tables are written")
 
     if chosen:
-        labels = [short_label(r.values, fallback_label) for r in chosen]
+        labels = [short_label(r.values, fallback_label) + (f" seed={r.best_seed}" if r.n_seeds > 1 and
+                  r.best_seed is not None else "") for r in chosen]  # fmt: skip
         title = f"best run per group by {metric}" + (f" (top {MAX_BEST_CURVES})" if len(best) > len(chosen) else "")
-        attempt("best.png", lambda: plot_runs([r.run_dirs[0] for r in chosen], out / "best.png", title=title,
-                                              labels=labels))  # fmt: skip
+        attempt("best.png", lambda: plot_runs([r.best_run_dir or r.run_dirs[0] for r in chosen], out / "best.png",
+                                              title=title, labels=labels))  # fmt: skip
     else:
         notes.append("note: no best.png: no run finished")
     if curves:

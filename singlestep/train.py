@@ -3,7 +3,8 @@
 ``python -m singlestep.train --resume RUN_DIR [trainer.epochs=N]`` continues a run from its newest
 checkpoint, with the numbers an uninterrupted run would have had.
 
-Exit codes: 0 done, 2 user error (one message on stderr, no traceback), 130 interrupted.
+Exit codes: 0 done, 2 user error (one message on stderr, no traceback), 3 stopped because training
+went wrong (non-finite steps, a diverging loss: summary.json says why), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from singlestep.errors import UserError
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3  # the run stopped itself: non-finite steps or a diverging loss (trainer.on_nonfinite)
 EXIT_INTERRUPTED = 130
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     parser.__class__ = _Parser
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)  # key=value before and after the options
         if args.list:
             print(_list_components())
             return 0
@@ -81,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
         resume = None
         if args.resume:
-            from singlestep.checkpoint import find_checkpoint, load_checkpoint, resume_config
-            from singlestep.trainer import Resume
+            from singlestep.checkpoint import Resume, check_belongs, find_checkpoint, load_checkpoint, resume_config
 
             run_dir, path = find_checkpoint(args.resume)
             state = load_checkpoint(path)
+            check_belongs(run_dir, state, path)
             cfg = resume_config(state, args.overrides, str(path))
             resume = Resume(run_dir, path, state)
         else:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         from singlestep.trainer import Trainer
 
         summary = Trainer(cfg, resume=resume).fit()
-        return EXIT_INTERRUPTED if summary["interrupted"] else 0
+        return {"ok": 0, "interrupted": EXIT_INTERRUPTED, "diverged": EXIT_STOPPED}[summary["status"]]
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

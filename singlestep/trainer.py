@@ -3,98 +3,36 @@
 The loop decides *which* samples form each step and *when* to log, evaluate and stop; the engine
 (``singlestep.engine``) decides *how* a step executes. Everything the loop needs to continue
 exactly where it left off (step, epoch, the epoch's sample order and the position in it, the
-shuffle RNG) lives in :class:`LoopState`.
+shuffle RNG) lives in :class:`~singlestep.loop_state.LoopState`; what a checkpoint holds besides,
+and how a run resumes, in ``checkpoint.py``; when a run stops itself, in ``health.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import torch
 
 from singlestep import checkpoint, malloc
+from singlestep.checkpoint import Resume
 from singlestep.config import COMPONENTS, Component, Config, config_to_dict
 from singlestep.data.base import DataBundle
+from singlestep.device import resolve_device
 from singlestep.engine import build_engine
 from singlestep.errors import ConfigError, UserError
+from singlestep.health import window_problem
+from singlestep.loop_state import LoopState, steps_per_epoch
 from singlestep.losses import loss_for
 from singlestep.metrics import evaluate
 from singlestep.optim.build import build_optimizer
 from singlestep.runlog import Progress, RunDir, make_run_dir, tensorboard_available
 
 __all__ = ["LoopState", "Resume", "Trainer", "resolve_device", "steps_per_epoch"]
-
-
-@dataclass
-class Resume:
-    """Where a resumed run continues: its folder and the loaded checkpoint (``checkpoint.py``)."""
-
-    run_dir: Path
-    path: Path
-    state: dict[str, Any]
-
-
-@dataclass
-class LoopState:
-    """Where the loop is: enough to capture in a checkpoint and resume exactly.
-
-    Attributes:
-        step: optimizer steps taken so far.
-        epoch: completed epochs.
-        pos: position within ``order`` of the next sample.
-        order: this epoch's shuffled sample order (CPU int64), or None between epochs.
-        generator: the shuffle RNG; each epoch's order is ``randperm`` drawn from it.
-    """
-
-    seed: int
-    step: int = 0
-    epoch: int = 0
-    pos: int = 0
-    order: torch.Tensor | None = None
-    generator: torch.Generator = field(default_factory=torch.Generator)
-
-    def __post_init__(self) -> None:
-        self.generator.manual_seed(self.seed)
-
-    def new_epoch(self, n: int) -> torch.Tensor:
-        """Draw the next epoch's order. Drawn on the CPU so the order is the same on any device."""
-        self.order = torch.randperm(n, generator=self.generator)
-        self.pos = 0
-        return self.order
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step, "epoch": self.epoch, "pos": self.pos,
-                "order": self.order, "rng": self.generator.get_state()}  # fmt: skip
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed, self.step, self.epoch, self.pos = state["seed"], state["step"], state["epoch"], state["pos"]
-        self.order = state["order"]
-        self.generator.set_state(state["rng"])
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; asking for absent CUDA is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: '{name}' requested but CUDA is not available (torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device: '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
-
-
-def steps_per_epoch(n: int, mode: str, batch_size: int, grad_accum_steps: int) -> int:
-    """Optimizer steps in one pass over ``n`` samples (a short last step is kept)."""
-    return n if mode == "per_sample" else math.ceil(n / (batch_size * grad_accum_steps))
 
 
 def _build(key: str, component: Component, *runtime: Any) -> Any:
@@ -124,6 +62,7 @@ class Trainer:
         self.cfg = cfg
         self.out = out or sys.stdout
         self.stop_requested = False
+        self.failure: str | None = None  # why the run stopped itself (health.window_problem)
         self.resume = resume
         self._setup()
         if resume is not None:
@@ -185,9 +124,13 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "loop": {**self.state.state_dict(), "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
+            # boundary_done: the evaluations and log due at this step were done (not at the run's
+            # end, where they wait for the final ones; a longer resumed run does them first).
+            "loop": {**self.state.state_dict(), "boundary_done": self.state.step < self.total_steps,
+                     "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
                      "last_train_loss": self.last_train_loss, "train_seconds": self._train_seconds(),
-                     "run_seconds": run.elapsed(), "wall_seconds": self.wall_before + time.perf_counter() - self.started},  # fmt: skip
+                     "run_seconds": run.elapsed(),
+                     "wall_seconds": self.wall_before + time.perf_counter() - self.started},
             "rng": checkpoint.rng_state(),
             "engine": self.engine.state_dict(),
             "metrics_bytes": run.metrics_bytes(),
@@ -200,16 +143,22 @@ class Trainer:
         if loop["step"] > self.total_steps:
             raise ConfigError(f"the checkpoint is at step {loop['step']:,}, past this run's end ({self.total_steps:,} "
                               "steps): give a larger trainer.epochs or trainer.max_steps")  # fmt: skip
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.state.load_state_dict(loop)
-        self.samples_seen, self.skipped_steps = loop["samples_seen"], loop["skipped_steps"]
-        self.last_train_loss, self.train_seconds = loop["last_train_loss"], loop["train_seconds"]
-        self.wall_before = loop["wall_seconds"]
-        self.engine.load_state_dict(state["engine"])
-        checkpoint.set_rng_state(state["rng"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.state.load_state_dict(loop)
+            self.samples_seen, self.skipped_steps = loop["samples_seen"], loop["skipped_steps"]
+            self.last_train_loss, self.train_seconds = loop["last_train_loss"], loop["train_seconds"]
+            self.wall_before = loop["wall_seconds"]
+            self.engine.load_state_dict(state["engine"])
+            checkpoint.set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            where = self.resume.path if self.resume is not None else "the checkpoint"
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"checkpoint {where} does not fit this run (its model, optimizer or engine differ: "
+                            f"{type(exc).__name__}: {first})") from None  # fmt: skip
 
     def _checkpoint(self, run: RunDir) -> None:
         """Save a checkpoint now (atomically), and keep the newest ``output.keep_checkpoints``."""
@@ -248,12 +197,32 @@ class Trainer:
         self.stop_requested = True
 
     def fit(self) -> dict[str, Any]:
-        """Train to the end (or until interrupted), evaluate, write the run folder.
+        """Train to the end (or until interrupted or stopped), evaluate, write the run folder.
+
+        Any failure once the folder exists leaves ``summary.json`` with status ``failed`` (or
+        ``interrupted``) and the error, then goes on up: a user error to the CLI's exit 2, an
+        internal one with its traceback.
 
         Returns:
-            The summary also written to ``summary.json``.
+            The summary also written to ``summary.json``; its ``status`` is ``ok``,
+            ``interrupted`` (Ctrl-C / SIGTERM) or ``diverged`` (``health.window_problem``).
         """
-        cfg, t, resume = self.cfg, self.cfg.trainer, self.resume
+        run = self._open_run()
+        try:
+            self._train(run)
+            summary = self._finish(run)
+        except BaseException as exc:
+            self._write_failure(run, exc)
+            raise
+        finally:
+            run.close()
+        self._write_curves()
+        self._print(self._summary_line(summary))
+        return summary
+
+    def _open_run(self) -> RunDir:
+        """Create (or, resuming, reopen) the run folder and write its config."""
+        cfg, resume = self.cfg, self.resume
         if resume is None:
             self.run_dir = make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
             run = RunDir(self.run_dir, tensorboard=cfg.output.tensorboard)
@@ -261,14 +230,23 @@ class Trainer:
             self.run_dir = resume.run_dir
             run = RunDir(self.run_dir, elapsed=resume.state["loop"]["run_seconds"], step=self.state.step,
                          metrics_bytes=resume.state["metrics_bytes"], tensorboard=cfg.output.tensorboard)  # fmt: skip
+            aside = checkpoint.set_aside_newer(self.run_dir / "checkpoints", resume.path)
+            if aside is not None:
+                self._print(f"resuming from an older checkpoint: the newer ones moved to {aside}")
         self.last_checkpoint = self.state.step if resume is not None else None
-        resolved = config_to_dict(cfg)
-        run.write_config(resolved)
+        run.write_config(config_to_dict(cfg))
         meta = self.data.meta
         if meta.task == "lm":
             run.write_json("vocab.json", {**meta.extras, "vocab_size": meta.vocab_size, "block_size": meta.block_size})
+        return run
+
+    def _train(self, run: RunDir) -> None:
+        cfg, t, resume = self.cfg, self.cfg.trainer, self.resume
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         resumed = f" | resumed at step {self.state.step:,} from {resume.path.name}" if resume is not None else ""
+        if resume is not None and self.state.step == self.total_steps:
+            self._print(f"nothing to train: the run is at step {self.total_steps:,}, where trainer.epochs "
+                        f"({t.epochs}) and trainer.max_steps ({t.max_steps}) end it; raise them to train on")  # fmt: skip
         self._print(
             f"run {self.run_dir} | model {cfg.model.name} ({n_params:,} params) | data {cfg.data.name} "
             f"({len(self.data.train):,} train) | optimizer {cfg.optimizer.name}: {self.decay_counts['decay']} tensors "
@@ -280,14 +258,19 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = Progress(self.total_steps, t.progress, initial=self.state.step)
         self._loop_started = time.perf_counter()
+        self._window_start, self._window_samples = time.perf_counter(), 0
         try:
+            if resume is not None and not resume.state["loop"]["boundary_done"] and self.state.step < self.total_steps:
+                self._boundary(run, progress)  # a finished run trained further: what its end deferred
             self._loop(run, progress)
         finally:
             progress.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        train_seconds = self._train_seconds()
 
+    def _finish(self, run: RunDir) -> dict[str, Any]:
+        """The final evaluation, the weights and ``summary.json``."""
+        cfg, t, meta = self.cfg, self.cfg.trainer, self.data.meta
         with self._evaluating():  # the weights evaluated and saved are the optimizer's eval-mode ones
             final = {split: evaluate(self.model, s, meta.task, num_classes=meta.num_classes,
                                      batch_size=t.eval_batch_size)
@@ -298,9 +281,27 @@ class Trainer:
             if cfg.output.save_model:
                 torch.save(self.model.state_dict(), self.run_dir / "model.pt")
         final["train"] = {"loss": self.last_train_loss}
-        summary = {
-            "name": cfg.name,
+        if self.failure is not None:
+            status = "diverged"
+        elif self.stop_requested and self.state.step < self.total_steps:
+            status = "interrupted"
+        else:
+            status = "ok"
+        summary = self._summary(status, self.failure, final)
+        run.write_json("summary.json", summary)
+        if self.failure is not None:
+            last = self._checkpoint_name()
+            self._print(f"stopped at step {self.state.step:,}: {self.failure}; "
+                        f"{f'the last checkpoint before it: {last}' if last else 'no checkpoint was written before it'}")  # fmt: skip
+        return summary
+
+    def _summary(self, status: str, error: str | None, final: dict[str, Any] | None) -> dict[str, Any]:
+        train_seconds = self._train_seconds() if hasattr(self, "_loop_started") else self.train_seconds
+        return {
+            "name": self.cfg.name,
             "run_dir": str(self.run_dir),
+            "status": status,
+            "error": error,
             "final": final,
             "steps": self.state.step,
             "epochs": round(self._epoch_float(), 6),
@@ -308,7 +309,7 @@ class Trainer:
             "train_seconds": round(train_seconds, 3),
             "samples_per_second": round(self.samples_seen / train_seconds, 1) if train_seconds > 0 else None,
             "skipped_steps": self.skipped_steps,
-            "interrupted": self.stop_requested,
+            "interrupted": status == "interrupted",
             "resumed_from": self.resume.state["loop"]["step"] if self.resume is not None else None,
             "checkpoint": self._checkpoint_name(),
             "engine": self.engine.label,
@@ -317,25 +318,29 @@ class Trainer:
             "torch_version": torch.__version__,
             "decay_tensors": self.decay_counts,
         }
-        run.write_json("summary.json", summary)
-        run.close()
-        self._write_curves()
-        self._print(self._summary_line(summary))
-        return summary
+
+    def _write_failure(self, run: RunDir, exc: BaseException) -> None:
+        """``summary.json`` for a run that failed (or was killed by a second Ctrl-C) part-way:
+        what it reached and why it ended; never raises (the original error goes on up)."""
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        try:
+            run.write_json("summary.json", self._summary(status, error.strip() or type(exc).__name__, None))
+        except Exception:  # noqa: BLE001 - a full disk must not hide the error that ended the run
+            pass
 
     def _loop(self, run: RunDir, progress: Progress) -> None:
-        """Steps until the end or a stop request. Every engine call ends at the next log, eval or
-        checkpoint step, so a checkpoint (periodic, or on a signal) is always taken where an
-        uninterrupted run also has a call boundary: resuming from it gives the same numbers."""
+        """Steps until the end, a stop request or a failure. Every engine call ends at the next
+        log, eval or checkpoint step, so a checkpoint (periodic, or on a signal) is always taken
+        where an uninterrupted run also has a call boundary: resuming from it gives the same numbers."""
         t, state, engine = self.cfg.trainer, self.state, self.engine
         every = self.cfg.output.checkpoint_every
         n = len(self.data.train)
         micro = t.batch_size
         per_step = 1 if t.mode == "per_sample" else t.batch_size * t.grad_accum_steps
         chunk_cap = engine.max_chunk
-        window_start, window_samples = time.perf_counter(), 0
         order_dev = None
-        while state.step < self.total_steps and not self.stop_requested:
+        while state.step < self.total_steps and not self.stop_requested and self.failure is None:
             if state.order is None:
                 order_dev = state.new_epoch(n).to(self.device)
             elif order_dev is None:
@@ -355,26 +360,33 @@ class Trainer:
             state.pos += samples
             state.step += taken
             self.samples_seen += samples
-            window_samples += samples
+            self._window_samples += samples
             progress.update(taken)
             if state.pos >= n:  # epoch finished
                 state.epoch += 1
                 state.order = None
-                if t.eval_every is None and state.step < self.total_steps:
-                    self._evaluate_val(run)
-            if state.step % t.log_every == 0 or state.step == self.total_steps:
-                self._log_window(run, progress, window_start, window_samples)
-                window_start, window_samples = time.perf_counter(), 0
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < self.total_steps:
-                self._evaluate_val(run)
-            if every and state.step % every == 0 and state.step < self.total_steps:
-                self._checkpoint(run)
-        if state.step != self.last_checkpoint:
+            if state.step < self.total_steps:  # the end's evaluations and log come with the final ones
+                self._boundary(run, progress)
+        if self.failure is None and state.step != self.last_checkpoint:
             # At the end, or on Ctrl-C / SIGTERM: the window's unread statistics go into it, so
-            # the line logged next (and cut from metrics.jsonl on a resume) is not lost.
+            # the line logged next (and cut from metrics.jsonl on a resume) is not lost. Not after
+            # a failure: the checkpoints from before it are the ones worth resuming.
             self._checkpoint(run)
-        if window_samples:
-            self._log_window(run, progress, window_start, window_samples)
+        if self._window_samples:
+            self._log_window(run, progress)
+
+    def _boundary(self, run: RunDir, progress: Progress) -> None:
+        """What is due after the call that reached this step, in order: the epoch's evaluation,
+        the metrics line, the periodic evaluation, the checkpoint."""
+        t, state, every = self.cfg.trainer, self.state, self.cfg.output.checkpoint_every
+        if t.eval_every is None and state.order is None:  # an epoch just ended
+            self._evaluate_val(run)
+        if state.step % t.log_every == 0:
+            self._log_window(run, progress)
+        if t.eval_every and state.step % t.eval_every == 0:
+            self._evaluate_val(run)
+        if every and state.step % every == 0 and self.failure is None:
+            self._checkpoint(run)
 
     def _train_seconds(self) -> float:
         """Seconds in the training loop so far, across resumes."""
@@ -401,9 +413,10 @@ class Trainer:
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _log_window(self, run: RunDir, progress: Progress, start: float, samples: int) -> None:
+    def _log_window(self, run: RunDir, progress: Progress) -> None:
         stats = self.engine.read()  # syncs the device: once per log window
-        elapsed = time.perf_counter() - start
+        elapsed, samples = time.perf_counter() - self._window_start, self._window_samples
+        self._window_start, self._window_samples = time.perf_counter(), 0
         self.skipped_steps += stats["skipped_steps"]
         self.last_train_loss = stats["loss"]
         event = {"event": "train", "step": self.state.step, "epoch": round(self._epoch_float(), 6), "split": "train",
@@ -411,7 +424,13 @@ class Trainer:
                  "grad_norm_max": stats["grad_norm_max"], "skipped_steps": stats["skipped_steps"],
                  "samples_per_second": samples / elapsed if elapsed > 0 else None}  # fmt: skip
         run.log(event)
-        text = f"loss {stats['loss']:.4g} | grad_norm {stats['grad_norm']:.3g} | lr {event['lr']:.3g}"
+        if self.failure is None:
+            self.failure = window_problem(stats, self.cfg.trainer, self.skipped_steps, self.state.step)
+        if stats["steps"] and stats["skipped_steps"] == stats["steps"]:
+            text = f"all {stats['steps']:,} steps skipped (non-finite loss or gradients) | lr {event['lr']:.3g}"
+        else:
+            skipped = f" | {stats['skipped_steps']:,} skipped" if stats["skipped_steps"] else ""
+            text = f"loss {stats['loss']:.4g} | grad_norm {stats['grad_norm']:.3g} | lr {event['lr']:.3g}{skipped}"
         if progress.active:
             progress.postfix(text)
         else:
@@ -456,13 +475,15 @@ class Trainer:
         self._print(f"eval  step {self.state.step:,} | val {shown}")
 
     def _summary_line(self, s: dict[str, Any]) -> str:
-        parts = [f"{'interrupted' if s['interrupted'] else 'done'}: {s['name']}", f"{s['steps']:,} steps",
+        word = {"ok": "done", "interrupted": "interrupted", "diverged": "stopped"}[s["status"]]
+        parts = [f"{word}: {s['name']}", f"{s['steps']:,} steps",
                  f"{s['epochs']:.2f} epochs", f"{s['train_seconds']:.1f}s train"]  # fmt: skip
         for split in ("val", "test"):
             m = s["final"].get(split)
             if m:
                 key = "accuracy" if "accuracy" in m else "loss"
-                parts.append(f"{split} {key} {m[key]:.4f}")
+                value = m[key]
+                parts.append(f"{split} {key} {value:.4f}" if abs(value) < 1e4 else f"{split} {key} {value:.4g}")
         parts.append(f"-> {s['run_dir']}")
         return " | ".join(parts)
 

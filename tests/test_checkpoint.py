@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 
 import pytest
@@ -23,9 +24,14 @@ def quick_run(tmp_path, write_config, *extra, **output):
     return tmp_path / "run"
 
 
+def minimal(**values):
+    """A checkpoint with every key a load asks for (the contents do not matter here)."""
+    return {**{key: None for key in checkpoint._KEYS}, "format": checkpoint.FORMAT, **values}
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
-    first = checkpoint.save_checkpoint(folder, 10, {"format": checkpoint.FORMAT, "w": torch.arange(4.0)})
+    first = checkpoint.save_checkpoint(folder, 10, minimal(w=torch.arange(4.0)))
 
     def full_disk(obj, f):
         f.write(b"half a checkpoint")
@@ -33,7 +39,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     with pytest.raises(UserError, match="No space left"):
-        checkpoint.save_checkpoint(folder, 20, {"format": checkpoint.FORMAT, "w": torch.zeros(4)})
+        checkpoint.save_checkpoint(folder, 20, minimal(w=torch.zeros(4)))
     monkeypatch.undo()
     assert sorted(p.name for p in folder.iterdir()) == [first.name]  # no temporary file, no step-20
     assert torch.equal(checkpoint.load_checkpoint(first)["w"], torch.arange(4.0))
@@ -42,7 +48,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
 
 def test_a_killed_write_leaves_a_temporary_file_that_is_ignored_then_removed(tmp_path):
     folder = tmp_path / "checkpoints"
-    first = checkpoint.save_checkpoint(folder, 10, {"format": checkpoint.FORMAT})
+    first = checkpoint.save_checkpoint(folder, 10, minimal())
     stale = folder / ".step-000000020.pt.1.tmp"
     stale.write_bytes(b"cut short")
     assert checkpoint.find_checkpoint(tmp_path)[1] == first
@@ -131,3 +137,70 @@ def test_tensorboard_events_sit_next_to_the_metrics(tmp_path, write_config):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "val/loss", "test/r2"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [16, 32, 48, 64]
+
+
+def test_a_checkpoint_file_outside_its_run_folder_or_from_another_run_is_refused(tmp_path, write_config):
+    run_a = quick_run(tmp_path / "a", write_config)
+    stray = tmp_path / "stray.pt"
+    stray.write_bytes(checkpoint.find_checkpoint(run_a)[1].read_bytes())
+    result = run_cli("--resume", str(stray))
+    assert result.returncode == 2 and "not in one" in result.stderr
+    # Run b's folder, holding a checkpoint of run a (another lr): refused, b untouched.
+    cfg = base_config()
+    cfg["optimizer"] = {"name": "adam", "lr": 0.05}
+    cfg["output"] = {"checkpoint_every": 20, "curves": False}
+    b = tmp_path / "b"
+    assert run_cli("--config", str(write_config(cfg, "b.yaml")), f"output.run_dir={b}").returncode == 0
+    before = (b / "metrics.jsonl").read_bytes()
+    foreign = b / "checkpoints" / "step-000000070.pt"
+    foreign.write_bytes(checkpoint.find_checkpoint(run_a)[1].read_bytes())
+    result = run_cli("--resume", str(foreign))
+    assert result.returncode == 2 and "belongs to another run" in result.stderr.replace("\n", " ") and "optimizer.lr" in result.stderr
+    assert (b / "metrics.jsonl").read_bytes() == before
+
+
+def test_damaged_checkpoints_are_one_line_errors(tmp_path, write_config):
+    run_dir = quick_run(tmp_path, write_config)
+    path = checkpoint.find_checkpoint(run_dir)[1]
+    good = path.read_bytes()
+    cases = {"empty": b"", "cut short": good[: len(good) // 2], "another file": b"name: not a checkpoint\n"}
+    for what, content in cases.items():
+        path.write_bytes(content)
+        result = run_cli("--resume", str(run_dir))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, what
+        assert str(path) in result.stderr, what
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    del state["engine"]
+    torch.save(state, path)
+    result = run_cli("--resume", str(run_dir))
+    assert result.returncode == 2 and "lacks engine" in result.stderr
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    state["model"]["weight"] = torch.zeros(3, 3)  # a model that changed shape since
+    torch.save(state, path)
+    result = run_cli("--resume", str(run_dir))
+    assert result.returncode == 2 and "does not fit this run" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, write_config):
+    run_dir = quick_run(tmp_path, write_config)
+    from singlestep.runlog import RunDir
+
+    holder = RunDir(run_dir)  # as a run still going would hold it
+    try:
+        result = run_cli("--resume", str(run_dir))
+        assert result.returncode == 2 and "in use by another process" in result.stderr
+    finally:
+        holder.close()
+
+
+def test_tensorboard_keeps_the_events_at_the_checkpoint_step_on_resume(tmp_path, write_config):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = quick_run(tmp_path, write_config, "output.tensorboard=true", "trainer.epochs=2", "output.checkpoint_every=16")
+    older = sorted((run_dir / "checkpoints").glob("step-*.pt"))[0]  # step 96, where a metrics line was written too
+    assert older.name == "step-000000096.pt"
+    assert run_cli("--resume", str(older)).returncode == 0
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [16, 32, 48, 64, 80, 96, 112, 128]

@@ -95,6 +95,21 @@ def test_cli_two_runs_default_to_the_working_folder_and_label_the_lr(tmp_path, m
     assert figures[0].get_suptitle() == "lr sweep"
 
 
+def test_cli_out_folder_writes_curves_png_in_it_and_prints_the_path_written(tmp_path, capsys):
+    run = make_run(tmp_path / "a")
+    (tmp_path / "pics").mkdir()
+    assert main([str(run), "--out", str(tmp_path / "pics")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "pics" / "curves.png")
+    assert imread(tmp_path / "pics" / "curves.png").shape[:2] == (800, 1200)
+    assert not (tmp_path / "pics.png").exists()
+    assert main([str(run), "--out", str(tmp_path / "new") + os.sep]) == 0  # a trailing slash: a folder to create
+    assert capsys.readouterr().out.strip() == str(tmp_path / "new" / "curves.png")
+    assert (tmp_path / "new" / "curves.png").is_file()
+    assert main([str(run), "--out", str(tmp_path / "plain")]) == 0  # no suffix: matplotlib adds .png; say so
+    assert capsys.readouterr().out.strip() == str(tmp_path / "plain.png")
+    assert (tmp_path / "plain.png").is_file()
+
+
 def test_differing_keys_ignore_name_and_output_and_the_other_optimizers_arguments():
     sgd = {"name": "a", "seed": 0, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
            "scheduler": None, "output": {"run_dir": "x"}}  # fmt: skip
@@ -158,6 +173,21 @@ def test_a_truncated_last_line_is_skipped_and_a_damaged_middle_line_is_an_error(
     assert main([str(bad)]) == 2
     expected = f"error: {bad / 'metrics.jsonl'}:2: not a JSON object; the file is damaged"
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_a_metrics_file_that_is_not_utf8_is_one_error_line_naming_file_and_line(tmp_path, capsys, figures):
+    bad = make_run(tmp_path / "b")
+    lines = (bad / "metrics.jsonl").read_bytes().splitlines()
+    (bad / "metrics.jsonl").write_bytes(b"\n".join([lines[0], lines[1][:-2] + b'\xff"}', *lines[2:]]) + b"\n")
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad / 'metrics.jsonl'}:2: not UTF-8 text (byte 0xff at column ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    # half a character as the last line (a run killed mid-write) is skipped, as half a JSON line is
+    cut = make_run(tmp_path / "c", tail='{"event": "train", "step": 50, "note": "')
+    (cut / "metrics.jsonl").write_bytes((cut / "metrics.jsonl").read_bytes() + "é".encode()[:1])
+    assert main([str(cut), "--metric", "loss"]) == 0
+    assert list(figures[-1].axes[0].lines[0].get_xdata()) == [10, 20, 30, 40]
 
 
 def test_null_values_become_gaps_and_mark_a_diverged_run(tmp_path, figures):

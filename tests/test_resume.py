@@ -113,14 +113,29 @@ def test_minibatch_resumes_bit_exact(tmp_path, stop_after_calls):
     assert_same_run(whole, resumed)
 
 
-def test_resume_after_the_end_may_extend_epochs(tmp_path):
+def test_a_finished_run_trained_further_equals_the_longer_run(tmp_path):
+    # Without a schedule (which a longer run stretches) 2 epochs then 1 more are the 3-epoch run:
+    # the evaluation and log the first run's end deferred are done when it continues.
+    longer = run(make_cfg(tmp_path, "whole", trainer={"epochs": 3}, scheduler=None))
+    first = run(make_cfg(tmp_path, "parts", scheduler=None))
+    assert first.state.step == 300
+    more = resume_from(make_cfg(tmp_path, "parts", trainer={"epochs": 3}, scheduler=None), first.run_dir)
+    assert_same_run(longer, more)
+    assert [m["step"] for m in metrics(more.run_dir) if m["split"] == "val"] == [70, 140, 210, 280, 350, 420, 450]
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     cfg = make_cfg(tmp_path, "run")
     first = run(cfg)
-    longer = make_cfg(tmp_path, "run", trainer={"epochs": 3})
-    more = resume_from(longer, first.run_dir)
-    assert more.state.step == 450
-    steps = [m["step"] for m in metrics(more.run_dir) if m["event"] == "train"]
-    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no repeated window
+    folder = first.run_dir / "checkpoints"
+    older = sorted(folder.glob("step-*.pt"))[0]
+    again = run(cfg, resume=Resume(first.run_dir, older, checkpoint.load_checkpoint(older)))
+    assert again.state.step == 300
+    aside = [p for p in folder.iterdir() if p.is_dir()]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir())  # kept, not deleted
+    assert checkpoint.find_checkpoint(first.run_dir)[1].name == "step-000000300.pt"
+    whole = run(make_cfg(tmp_path, "whole"))
+    assert metrics(again.run_dir) == metrics(whole.run_dir)
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from singlestep import sweep
 from singlestep.sweep import main, make_slugs, parse_grid
-from singlestep.sweep_table import Row, Run, aggregate, draw_plots, markdown, rank
+from singlestep.sweep_table import Row, Run, aggregate, draw_plots, markdown, rank, short_reason
 from tests.conftest import ROOT, base_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -184,6 +184,110 @@ def test_markdown_table_is_a_github_table():
     assert lines[5] == "| a\\|b | -1 |  | 0/1 |  |  | failed: bad \\| value |  |"
 
 
+DIVERGED = "the training loss 3.1e+05 is over trainer.divergence_threshold 1000 (the window ending at step 2000)"
+
+
+def test_diverged_and_failed_runs_carry_their_reason_into_the_status():
+    row = aggregate({}, [Run(0, "diverged", reason=DIVERGED), Run(1, "diverged", reason="other")], "val.loss")
+    assert row.status == f"diverged: {DIVERGED}" and row.mean is None and row.n_ok == 0
+    assert [r["reason"] for r in row.runs] == [DIVERGED, "other"] and row.runs[0]["status"] == "diverged"
+    partial = aggregate({}, [_ok(0, 0.5), Run(1, "diverged", reason=DIVERGED), _ok(2, None)], "val.accuracy")
+    assert partial.status == f"partial: seed 1 diverged: {DIVERGED}; seed 2 diverged" and partial.mean == 0.5
+    assert aggregate({}, [Run(0, "diverged")], "val.loss").status == "diverged"  # no reason: the word alone
+    # diverged before failed, as for a NaN metric
+    ranked = rank([Row({"x": 1}, "failed: boom"), Row({"x": 2}, f"diverged: {DIVERGED}")], "val.loss", None)
+    assert [r.values["x"] for r in ranked] == [2, 1]
+
+    long = "non-finite loss or gradients: 3 of the 100 steps up to step 100 were skipped " * 3
+    assert len(short_reason(long)) <= 160 and short_reason(long).endswith("skipped…")
+    hint = "x" * 150 + " (trainer.on_nonfinite: stop; 'skip' trains on past them)"
+    assert short_reason(hint) == "x" * 150  # a trailing hint goes first
+    assert short_reason("a\n  b") == "a b"
+
+
+def test_best_png_draws_the_best_seed_of_the_best_row(tmp_path, monkeypatch):
+    pytest.importorskip("singlestep.plot")
+    drawn = {}
+
+    def fake_plot_runs(run_dirs, out, **kwargs):
+        drawn["run_dirs"], drawn["labels"] = list(run_dirs), kwargs["labels"]
+        return out
+
+    monkeypatch.setattr("singlestep.plot.plot_runs", fake_plot_runs)
+    seeds = [_ok(0, 0.8), _ok(1, 0.95), Run(2, "failed", reason="boom"), _ok(3, 0.9)]
+    row = aggregate({"optimizer.name": "sgd"}, seeds, "val.accuracy")  # higher is better: seed 1
+    assert row.best_run_dir == Path("r1") and row.best_seed == 1 and row.run_dirs[0] == Path("r0")
+    draw_plots(tmp_path, rank([row], "val.accuracy", None), "val.accuracy", None, "sgd")
+    assert drawn == {"run_dirs": [Path("r1")], "labels": ["sgd seed=1"]}
+
+    seeds = [_ok(0, 0.8, "loss"), _ok(1, 0.95, "loss"), Run(2, "failed", reason="boom"), _ok(3, 0.9, "loss")]
+    row = aggregate({"optimizer.name": "sgd"}, seeds, "val.loss")  # the same numbers as a loss: seed 0
+    draw_plots(tmp_path, rank([row], "val.loss", None), "val.loss", None, "sgd")
+    assert drawn["run_dirs"] == [Path("r0")]
+
+
+def _write_summary(run_dir: Path, **summary) -> Path:
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return run_dir
+
+
+def test_a_diverged_run_is_finished_and_a_failed_one_is_retried(tmp_path, write_config, capsys):
+    runs = tmp_path / "sweep" / "runs"
+    finals = {"val": {"loss": 0.5, "mse": 0.5}, "test": {"loss": 0.6, "mse": 0.6, "r2": 0.1}}
+    _write_summary(runs / "lr0.01_s0", status="ok", error=None, interrupted=False, final=finals, steps=128)
+    # diverged over the threshold with a finite final loss: the status decides, not the number
+    _write_summary(runs / "lr0.1_s0", status="diverged", error=DIVERGED, interrupted=False, steps=2000,
+                   final={"val": {"loss": 812.0, "mse": 812.0}, "test": {"loss": None, "mse": None, "r2": None}})  # fmt: skip
+    _write_summary(runs / "lr0.05_s0", status="failed", error="cannot write checkpoint: disk full",
+                   interrupted=False, final=None)  # fmt: skip
+    argv = ["--config", str(write_config(base_config(output=OUTPUT))), "--grid", "optimizer.lr=0.01,0.1,0.05",
+            "--out", str(tmp_path / "sweep")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"lr=0.1 seed=0: skipped (finished earlier) diverged: {DIVERGED}" in printed
+    assert "lr=0.05 seed=0: ok val.loss" in printed and "done: 3/3 runs finished (2 skipped" in printed
+    assert not (runs / "lr0.1_s0.log").exists() and not (runs / "lr0.01_s0.log").exists()  # not run again
+    assert (runs / "lr0.05_s0.incomplete-1" / "summary.json").exists()  # the failed one retried from scratch
+    rows = {r["values"]["optimizer.lr"]: r for r in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"]}
+    assert rows[0.1]["status"] == f"diverged: {DIVERGED}" and rows[0.1]["mean"] is None
+    assert rows[0.1]["runs"][0]["reason"] == DIVERGED
+    assert rows[0.01]["status"] == rows[0.05]["status"] == "ok"
+    assert f"| 0.1 |  | 0/1 |  |  | diverged: {DIVERGED} |  |" in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+def test_a_finished_child_is_read_from_its_exit_code_and_summary(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    job = sweep._Job(0, 0, "r", "lr=0.1 seed=0", {}, [], {})
+    s = sweep._Sweep([job], tmp_path, "c.yaml", [], 1, "val.loss")
+    log = runs / "r.log"
+
+    def finish(rc, log_text="", **summary):
+        run_dir = runs / "r"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        if summary:
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+        log.write_text("# start\n" + log_text)
+        s.running[object()] = (job, log, len("# start\n"), time.perf_counter())
+        s._finish(next(iter(s.running)), rc)
+        return job.run
+
+    run = finish(3, "error: training stopped\n", status="diverged", error=DIVERGED, final={"val": {"loss": None}})
+    assert (run.status, run.reason) == ("diverged", DIVERGED) and run.summary["status"] == "diverged"
+    assert finish(3, "error: the loss is nan at step 7\n").reason == "the loss is nan at step 7"  # no summary
+    run = finish(2, "error: cannot write\n", status="failed", error="cannot write checkpoint: disk full", final=None)
+    assert (run.status, run.reason) == ("failed", "cannot write checkpoint: disk full")
+    run = finish(1, "Traceback ...\nerror: internal\n", status="failed", error=None, final=None)
+    assert (run.status, run.reason) == ("failed", "internal")  # no error in the summary: the log's line
+    assert (finish(1, "boom\n").status, finish(1, "boom\n").reason) == ("failed", "exit code 1: boom")
+    assert finish(130, status="interrupted", interrupted=True, error=None).status == "interrupted"
+    assert finish(0, status="ok", interrupted=False, error=None, final={"val": {"loss": 0.1}}).status == "ok"
+    assert finish(0, interrupted=False, final={"val": {"loss": float("nan")}}).status == "ok"  # older: aggregate says
+    printed = capsys.readouterr().out
+    assert f"lr=0.1 seed=0: diverged: {DIVERGED}" in printed and "failed: cannot write checkpoint: disk full" in printed
+
+
 def test_without_the_plot_module_the_sweep_only_notes_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "singlestep.plot", None)  # as if plot.py or matplotlib were missing
     notes = draw_plots(tmp_path, [_row("sgd", 0.1, 0.5)], "val.accuracy", "optimizer.lr", "sgd")
@@ -260,6 +364,25 @@ def test_sweep_with_a_failing_combination_then_a_rerun_skips_what_finished(tmp_p
     summary = json.loads((out / "runs" / "lr0.05_s1" / "summary.json").read_text())
     assert summary["final"]["val"]["loss"] == losses[1] and summary["interrupted"] is False  # same seed, same run
     assert _mtimes(out)["lr0.05_s0"] == before["lr0.05_s0"]
+
+
+def test_a_checkpoints_folder_without_a_checkpoint_file_starts_over(tmp_path, write_config, capsys):
+    # A first checkpoint write that failed or was killed: checkpoints/ empty, or only a hidden temporary.
+    out = tmp_path / "sweep"
+    for slug, leftover in (("lr0.05_s0", None), ("lr0.1_s0", ".step-00000016.pt.4242.tmp")):
+        (out / "runs" / slug / "checkpoints").mkdir(parents=True)
+        (out / "runs" / slug / "metrics.jsonl").write_text('{"event": "train", "step": 8}\n')
+        if leftover:
+            (out / "runs" / slug / "checkpoints" / leftover).write_bytes(b"half a checkpoint")
+    argv = ["--config", str(write_config(base_config(output=OUTPUT))), "--grid", "optimizer.lr=0.05,0.1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("moved unfinished") == 2 and "done: 2/2 runs finished" in printed, printed
+    for slug in ("lr0.05_s0", "lr0.1_s0"):
+        assert "--resume" not in (out / "runs" / f"{slug}.log").read_text()
+        assert (out / "runs" / f"{slug}.incomplete-1" / "metrics.jsonl").exists()  # kept, never deleted
+        assert json.loads((out / "runs" / slug / "summary.json").read_text())["steps"] == 64
 
 
 def test_ctrl_c_stops_the_children_cleanly_and_the_rerun_resumes(tmp_path, write_config):

@@ -95,9 +95,10 @@ class StepStats:
         loss_sum, norm_sum, norm_max, skipped = torch.stack(
             [self.loss_sum, self.norm_sum, self.norm_max, self.skipped]
         ).tolist()  # one sync for all four
-        taken = max(self.steps - int(skipped), 1)
-        out = {"loss": loss_sum / taken, "grad_norm": norm_sum / taken, "grad_norm_max": norm_max,
-               "skipped_steps": int(skipped), "steps": self.steps}  # fmt: skip
+        taken = self.steps - int(skipped)
+        nan = float("nan")  # a window whose steps were all skipped has no loss (not 0)
+        out = {"loss": loss_sum / taken if taken else nan, "grad_norm": norm_sum / taken if taken else nan,
+               "grad_norm_max": norm_max if taken else nan, "skipped_steps": int(skipped), "steps": self.steps}  # fmt: skip
         self.reset()
         return out
 
