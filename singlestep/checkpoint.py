@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 import singlestep
 from singlestep.errors import ConfigError, UserError
@@ -55,7 +56,7 @@ __all__ = [
     "versions",
 ]  # fmt: skip
 
-FORMAT = 1
+FORMAT = 2  # 2: the loop's boundary_done, the trainer's on_nonfinite keys in the config
 # Config keys a resumed run may change: it may train longer (or stop earlier, but not before the
 # checkpoint). Every other key shapes the numbers, so a change is refused.
 RESUMABLE_KEYS = ("trainer.epochs", "trainer.max_steps")
@@ -169,7 +170,8 @@ def find_checkpoint(target: str | Path) -> tuple[Path, Path]:
     found = checkpoints(target / "checkpoints")
     if not found:
         why = "its checkpoints/ folder is empty" if (target / "checkpoints").is_dir() else "it has no checkpoints/ folder"
-        raise UserError(f"--resume {target}: no checkpoint to resume from ({why}); start the run again with --config")
+        raise UserError(f"--resume {target}: no checkpoint to resume from ({why}); start the run again with "
+                        "--config and a new output.run_dir")  # fmt: skip
     return target, found[-1]
 
 
@@ -217,8 +219,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         "checkpoints are loaded with weights_only=True and never run pickled code") from None  # fmt: skip
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {_first_line(exc)}; truncated?)") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"checkpoint {path} is not a singlestep checkpoint (format {FORMAT})")
+    if not isinstance(state, dict) or "format" not in state:
+        raise UserError(f"checkpoint {path} is not a singlestep checkpoint")
+    if state["format"] != FORMAT:
+        raise UserError(f"checkpoint {path} has format {state['format']}, this singlestep reads format {FORMAT}; "
+                        f"resume it with the singlestep that wrote it ({state.get('versions', {}).get('singlestep')})")  # fmt: skip
     missing = [k for k in _KEYS if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
@@ -336,8 +341,10 @@ def check_belongs(run_dir: Path, state: Mapping[str, Any], path: Path) -> None:
 
     try:
         folder_config = parse_yaml((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, UserError) as exc:
-        raise UserError(f"--resume: cannot read {run_dir / 'config.yaml'} ({exc})") from None
+    except (OSError, UnicodeDecodeError, UserError, yaml.YAMLError) as exc:
+        why = getattr(exc, "problem", None) or exc
+        raise UserError(f"--resume: cannot read {run_dir / 'config.yaml'} ({why}); it is the run's own record, "
+                        "restore it from the checkpoint's config or start a new run") from None  # fmt: skip
     changed = changed_keys(folder_config if isinstance(folder_config, dict) else {}, state["config"])
     if changed:
         raise UserError(f"--resume: checkpoint {path} and the config.yaml of {run_dir} differ "

@@ -392,8 +392,8 @@ def _check_trainer_values(t: TrainerConfig, problems: _Problems) -> None:
             problems.add(f"trainer.{key}", f"must be >= 1 or null, got {value}")
     if isinstance(t.max_nonfinite, int) and t.max_nonfinite < 0:
         problems.add("trainer.max_nonfinite", f"must be >= 0 or null (never stop), got {t.max_nonfinite}")
-    if isinstance(t.divergence_threshold, float) and math.isnan(t.divergence_threshold):
-        problems.add("trainer.divergence_threshold", "must be a number or null (off), got nan")
+    if isinstance(t.divergence_threshold, float) and not math.isfinite(t.divergence_threshold):
+        problems.add("trainer.divergence_threshold", f"must be a finite number or null (off), got {t.divergence_threshold}")
     for key in ("clip_grad_norm", "clip_grad_value"):
         value = getattr(t, key)
         if isinstance(value, (int, float)) and not value > 0:  # `not >` so that .nan fails too

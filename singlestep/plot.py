@@ -264,7 +264,10 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, metrics: Seque
         ys_all: list[float] = []
         for run, colour in zip(runs, colours):
             for split, (xs, ys) in _series(run, metric, x).items():
-                ax.plot(xs, ys, color=colour, **SPLIT_STYLE.get(split, SPLIT_STYLE["val"]))
+                style = SPLIT_STYLE.get(split, SPLIT_STYLE["val"])
+                if len(xs) < 3 and "marker" not in style:  # a line of one point draws nothing
+                    style = {**style, "marker": "o", "markersize": 5}
+                ax.plot(xs, ys, color=colour, **style)
                 splits_drawn.add(split)
                 ys_all += [y for y in ys if math.isfinite(y)]
         if not ys_all:

@@ -159,7 +159,10 @@ def _lock(path: Path) -> Any:
         import fcntl
     except ImportError:  # not on Windows: no lock
         return None
-    handle = open(path / ".lock", "a")
+    try:
+        handle = open(path / ".lock", "a")  # noqa: SIM115 - held open for the run's lifetime
+    except OSError as exc:
+        raise UserError(f"cannot write to run folder {path}: {exc.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

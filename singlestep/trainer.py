@@ -160,8 +160,16 @@ class Trainer:
             raise UserError(f"checkpoint {where} does not fit this run (its model, optimizer or engine differ: "
                             f"{type(exc).__name__}: {first})") from None  # fmt: skip
 
-    def _checkpoint(self, run: RunDir) -> None:
-        """Save a checkpoint now (atomically), and keep the newest ``output.keep_checkpoints``."""
+    def _checkpoint(self, run: RunDir, progress: Progress) -> None:
+        """Save a checkpoint now (atomically), and keep the newest ``output.keep_checkpoints``.
+
+        The window's unread statistics are looked at first (one sync per checkpoint): a checkpoint
+        taken after trouble that the next metrics line would report would be named the last good
+        one; the run stops here instead, logging that line."""
+        stats = self.engine.peek() if self.engine.stats.steps else None
+        if stats and window_problem(stats, self.cfg.trainer, self.skipped_steps + stats["skipped_steps"], self.state.step):
+            self._log_window(run, progress)  # reads the window again and sets self.failure
+            return
         if not self.checkpoints_ok:
             return
         state = self.state_dict(run)
@@ -209,6 +217,7 @@ class Trainer:
         """
         run = self._open_run()
         try:
+            self._prepare(run)
             self._train(run)
             summary = self._finish(run)
         except BaseException as exc:
@@ -216,12 +225,15 @@ class Trainer:
             raise
         finally:
             run.close()
-        self._write_curves()
+        if self.cfg.output.curves:
+            from singlestep.plot import write_run_curves  # lazy: matplotlib only where it is used
+
+            write_run_curves(self.run_dir)  # never fails a run for a picture
         self._print(self._summary_line(summary))
         return summary
 
     def _open_run(self) -> RunDir:
-        """Create (or, resuming, reopen) the run folder and write its config."""
+        """Create (or, resuming, reopen and lock) the run folder."""
         cfg, resume = self.cfg, self.resume
         if resume is None:
             self.run_dir = make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
@@ -230,15 +242,20 @@ class Trainer:
             self.run_dir = resume.run_dir
             run = RunDir(self.run_dir, elapsed=resume.state["loop"]["run_seconds"], step=self.state.step,
                          metrics_bytes=resume.state["metrics_bytes"], tensorboard=cfg.output.tensorboard)  # fmt: skip
+        self.last_checkpoint = self.state.step if resume is not None else None
+        return run
+
+    def _prepare(self, run: RunDir) -> None:
+        """The folder's config (and vocabulary); a resume from an older checkpoint sets the newer aside."""
+        cfg, resume = self.cfg, self.resume
+        if resume is not None:
             aside = checkpoint.set_aside_newer(self.run_dir / "checkpoints", resume.path)
             if aside is not None:
                 self._print(f"resuming from an older checkpoint: the newer ones moved to {aside}")
-        self.last_checkpoint = self.state.step if resume is not None else None
         run.write_config(config_to_dict(cfg))
         meta = self.data.meta
         if meta.task == "lm":
             run.write_json("vocab.json", {**meta.extras, "vocab_size": meta.vocab_size, "block_size": meta.block_size})
-        return run
 
     def _train(self, run: RunDir) -> None:
         cfg, t, resume = self.cfg, self.cfg.trainer, self.resume
@@ -371,8 +388,8 @@ class Trainer:
             # At the end, or on Ctrl-C / SIGTERM: the window's unread statistics go into it, so
             # the line logged next (and cut from metrics.jsonl on a resume) is not lost. Not after
             # a failure: the checkpoints from before it are the ones worth resuming.
-            self._checkpoint(run)
-        if self._window_samples:
+            self._checkpoint(run, progress)
+        if self.engine.stats.steps:  # unread steps (a resumed run's too, though it took none)
             self._log_window(run, progress)
 
     def _boundary(self, run: RunDir, progress: Progress) -> None:
@@ -386,7 +403,7 @@ class Trainer:
         if t.eval_every and state.step % t.eval_every == 0:
             self._evaluate_val(run)
         if every and state.step % every == 0 and self.failure is None:
-            self._checkpoint(run)
+            self._checkpoint(run, progress)
 
     def _train_seconds(self) -> float:
         """Seconds in the training loop so far, across resumes."""
@@ -396,13 +413,6 @@ class Trainer:
         if not self.checkpoints_ok or self.last_checkpoint is None:
             return None
         return str(self.run_dir / "checkpoints" / f"step-{self.last_checkpoint:09d}.pt")
-
-    def _write_curves(self) -> None:
-        """``curves.png`` in the run folder (``write_run_curves`` never fails a run for a picture)."""
-        if self.cfg.output.curves:
-            from singlestep.plot import write_run_curves  # lazy: matplotlib only where it is used
-
-            write_run_curves(self.run_dir)
 
     # ------------------------------------------------------------------ logging and evaluation
 
@@ -438,16 +448,9 @@ class Trainer:
             self._print(f"step {self.state.step:>8,} | epoch {event['epoch']:.2f} | {text} | {sps:,.0f} samples/s")
 
     def _optimizer_mode(self, mode: str) -> None:
-        """Call the optimizer's ``train()`` or ``eval()``, when it has one.
-
-        Schedule-free optimizers hold the gradient point in the parameters while training and
-        the averaged point, the one to evaluate and save, in eval mode; ``schedulefree``'s own
-        classes start in eval mode and raise in ``step()`` unless put in train mode first.
-        Optimizers without these methods (torch.optim's) are left alone.
-
-        Args:
-            mode: ``"train"`` or ``"eval"``.
-        """
+        """Call the optimizer's ``train()`` or ``eval()`` (``mode``), when it has one: schedule-free
+        optimizers hold the gradient point while training and the averaged one, to evaluate and
+        save, in eval mode (``schedulefree``'s start in eval mode and refuse to step in it)."""
         method = getattr(self.optimizer, mode, None)
         if callable(method):
             method()

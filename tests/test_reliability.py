@@ -166,3 +166,44 @@ def test_a_model_that_cannot_fit_the_data_is_exit_2_before_any_folder(tmp_path, 
     result = run_cli("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "model 'cnn' needs image inputs" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_no_checkpoint_is_taken_after_trouble_the_next_metrics_line_would_report(tmp_path, write_config):
+    # NaN weights from step 20; checkpoints every 8 steps, metrics lines every 16: the checkpoint
+    # at 24 would hold NaN weights and be named the last good one. The run stops there instead.
+    poison = {"name": "tests.test_reliability.Poison", "lr": 0.05}
+    result, summary = cli_run(tmp_path, write_config, "output.checkpoint_every=8", optimizer=poison)
+    assert result.returncode == 3 and summary["steps"] == 24
+    assert summary["checkpoint"].endswith("step-000000016.pt")
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")][-1] == "step-000000016.pt"
+    good = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000000016.pt")
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_resuming_a_finished_run_keeps_its_last_metrics_line(tmp_path, write_config):
+    result, summary = cli_run(tmp_path, write_config)
+    assert result.returncode == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    again = run_cli("--resume", str(tmp_path / "run"))
+    assert again.returncode == 0 and "nothing to train" in again.stdout
+    after = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("time", "samples_per_second")} for x in lines]  # noqa: E731
+    assert strip(after) == strip(before)
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert resumed["final"]["train"] == summary["final"]["train"]
+
+
+def test_a_damaged_config_yaml_or_an_old_checkpoint_on_resume_is_exit_2(tmp_path, write_config):
+    result, _ = cli_run(tmp_path, write_config)
+    config = tmp_path / "run" / "config.yaml"
+    good = config.read_text()
+    config.write_text(good + "name: t\n")  # a key twice
+    again = run_cli("--resume", str(tmp_path / "run"))
+    assert again.returncode == 2 and "cannot read" in again.stderr and "Traceback" not in again.stderr
+    config.write_text(good)
+    path = checkpoint.find_checkpoint(tmp_path / "run")[1]
+    state = torch.load(path, weights_only=True)
+    state["format"] = 1
+    torch.save(state, path)
+    again = run_cli("--resume", str(tmp_path / "run"))
+    assert again.returncode == 2 and "has format 1" in again.stderr

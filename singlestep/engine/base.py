@@ -91,7 +91,13 @@ class StepStats:
         self.steps = state["steps"]
 
     def read(self) -> dict[str, float]:
-        """Means over the window since the last read. This syncs the device."""
+        """Means over the window since the last read, then a new window. This syncs the device."""
+        out = self.peek()
+        self.reset()
+        return out
+
+    def peek(self) -> dict[str, float]:
+        """Means over the window so far, which goes on. This syncs the device."""
         loss_sum, norm_sum, norm_max, skipped = torch.stack(
             [self.loss_sum, self.norm_sum, self.norm_max, self.skipped]
         ).tolist()  # one sync for all four
@@ -99,7 +105,6 @@ class StepStats:
         nan = float("nan")  # a window whose steps were all skipped has no loss (not 0)
         out = {"loss": loss_sum / taken if taken else nan, "grad_norm": norm_sum / taken if taken else nan,
                "grad_norm_max": norm_max if taken else nan, "skipped_steps": int(skipped), "steps": self.steps}  # fmt: skip
-        self.reset()
         return out
 
 
@@ -153,6 +158,10 @@ class Engine:
     def read(self) -> dict[str, float]:
         """Window statistics since the last read (syncs the device)."""
         return self.stats.read()
+
+    def peek(self) -> dict[str, float]:
+        """The window's statistics so far, without starting a new window (syncs the device)."""
+        return self.stats.peek()
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue with the same numbers: the unread statistics (the

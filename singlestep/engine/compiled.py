@@ -164,6 +164,9 @@ class CompiledEngine(Engine):
     def read(self) -> dict[str, float]:
         return self.eager.read()  # the same statistics: the eager engine flushes its host sums first
 
+    def peek(self) -> dict[str, float]:
+        return self.eager.peek()
+
     def state_dict(self) -> dict[str, Any]:
         """Which steps of each shape this engine has run eagerly, timed, compiled or checked,
         and ``auto``'s choices: a resumed run then runs each later step the way this one would

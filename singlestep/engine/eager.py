@@ -82,6 +82,10 @@ class EagerEngine(Engine):
         self.flush()
         return super().read()
 
+    def peek(self) -> dict[str, float]:
+        self.flush()
+        return super().peek()
+
     def state_dict(self) -> dict[str, Any]:
         self.flush()  # a no-op between calls (each call flushes), where the trainer checkpoints
         return super().state_dict()
