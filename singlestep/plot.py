@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from singlestep import cli
 from singlestep.errors import UserError
 
 __all__ = ["differing_keys", "main", "plot_metric_vs_lr", "plot_runs", "run_labels", "write_run_curves"]
 
-EXIT_USER_ERROR = 2
 FIGSIZE, DPI = (12.0, 8.0), 100  # 1200 x 800 pixels: readable on a laptop screen and in a report
 X_LABELS = {"step": "optimizer step", "epoch": "epoch", "time": "time since start (s)"}
 DEFAULT_METRICS = ("loss", "accuracy", "perplexity", "r2", "lr", "grad_norm")  # the panels, in order, where logged
@@ -378,13 +378,8 @@ def write_run_curves(run_dir: str | Path) -> Path | None:
         return None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own exit code is 2 too; keep it one line
-        raise UserError(f"{self.prog}: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.ArgumentParser(
         prog="python -m singlestep.plot",
         description="Draw training curves (loss, task metric, lr, grad norm) of one or more run folders.",
         epilog="example: python -m singlestep.plot runs/a runs/b --metric loss --metric accuracy --x epoch",
@@ -400,16 +395,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code (0 done, 2 user error)."""
-    try:
-        args = _parser().parse_args(argv)
-        out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
-        if args.out and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):  # a folder: curves.png in it
-            out = Path(args.out) / "curves.png"
-        print(plot_runs(args.run_dirs, out, metrics=args.metrics, x=args.x, title=args.title))
-        return 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    out = args.out or (Path(args.run_dirs[0]) / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
+    if args.out and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):  # a folder: curves.png in it
+        out = Path(args.out) / "curves.png"
+    print(plot_runs(args.run_dirs, out, metrics=args.metrics, x=args.x, title=args.title))
+    return 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from singlestep import cli
 from singlestep.errors import UserError
 from singlestep.sweep_table import (
     Run,
@@ -62,9 +63,6 @@ from singlestep.sweep_table import (
 
 __all__ = ["main", "make_slugs", "parse_grid"]
 
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3  # train's code for a run that stopped itself: training went wrong (summary.json says why)
-EXIT_INTERRUPTED = 130
 GRID_HELP = "expected key=v1,v2,... or key=log:LO:HI:N or key=lin:LO:HI:N, e.g. optimizer.lr=log:1e-3:1:7"
 MAX_SLUG = 100  # leaves room under the 255-byte file name limit for ".incomplete-N" and ".log"
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -355,10 +353,10 @@ class _Sweep:
         run_dir = self.runs_dir / job.slug
         summary = read_summary(run_dir)
         status = summary.get("status") if summary is not None else None  # None: no summary, or an older one
-        interrupted = rc in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM) or (rc == -signal.SIGKILL and
+        interrupted = rc in (cli.EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM) or (rc == -signal.SIGKILL and
                                                                                    self.forwarded > 1)  # fmt: skip
         finished = finished_run(job.seed, run_dir, summary)
-        if status == "diverged" or rc == EXIT_DIVERGED:
+        if status == "diverged" or rc == cli.EXIT_STOPPED:
             reason = summary_error(summary) if status == "diverged" else ""
             job.run = Run(job.seed, "diverged", reason=reason or failure_reason(log, offset, rc), summary=summary,
                           run_dir=run_dir)  # fmt: skip
@@ -420,17 +418,8 @@ class _Sweep:
 # ----------------------------------------------------------------------------- command line
 
 
-class _ArgError(UserError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own exit code is 2 too; keep it one line
-        raise _ArgError(f"{self.prog}: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = cli.ArgumentParser(
         prog="python -m singlestep.sweep",
         description="Train every combination of grid values (x seeds) as its own run, then table and plot them.",
         epilog="example: --grid optimizer.name=sgd,adagrad --grid optimizer.lr=log:1e-3:1:7 --seeds 0,1,2 --jobs 2",
@@ -448,40 +437,37 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    try:
-        args = _parser().parse_args(argv)
-        if args.jobs < 1:
-            raise UserError(f"--jobs {args.jobs}: must be >= 1")
-        if args.metric is not None and not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", args.metric):
-            raise UserError(f"--metric '{args.metric}': expected split.name, e.g. val.accuracy or test.loss")
-        grid, jobs, optimizer = _plan(args)
-        out = Path(args.out or f"sweeps/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"sweep {out} | {len(jobs) // len({j.seed for j in jobs})} combinations x {len({j.seed for j in jobs})} "
-              f"seed(s) = {len(jobs)} runs | {args.jobs} at a time", flush=True)  # fmt: skip
-        sweep = _Sweep(jobs, out, args.config, args.overrides, args.jobs, args.metric)
-        stopped = sweep.run()
-        combos: dict[int, list[_Job]] = {}
-        for job in jobs:
-            combos.setdefault(job.combo, []).append(job)
-        info = {"config": args.config, "overrides": args.overrides, "seeds": sorted({j.seed for j in jobs})}
-        report(out, {k: [v for v, _ in vals] for k, vals in grid.items()},
-               [(js[0].values, [j.run for j in js]) for js in combos.values()], sweep.metric or "val.loss", info,
-               fallback_label=optimizer)  # fmt: skip
-        n_ok = sum(j.run.status in ("ok", "diverged") for j in jobs)  # finished: not run again
-        where = f"{out / 'summary.md'} (also summary.csv, sweep.json)"
-        if stopped:
-            again = "the same command" if args.out else f"the same command with --out {out}"
-            print(f"interrupted: {n_ok}/{len(jobs)} runs finished; table of what finished in {where}; "
-                  f"{again} continues the sweep", flush=True)  # fmt: skip
-            return EXIT_INTERRUPTED
-        print(f"done: {n_ok}/{len(jobs)} runs finished ({sweep.skipped} skipped, finished earlier) -> {where}")
-        return 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: must be >= 1")
+    if args.metric is not None and not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", args.metric):
+        raise UserError(f"--metric '{args.metric}': expected split.name, e.g. val.accuracy or test.loss")
+    grid, jobs, optimizer = _plan(args)
+    out = Path(args.out or f"sweeps/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"sweep {out} | {len(jobs) // len({j.seed for j in jobs})} combinations x {len({j.seed for j in jobs})} "
+          f"seed(s) = {len(jobs)} runs | {args.jobs} at a time", flush=True)  # fmt: skip
+    sweep = _Sweep(jobs, out, args.config, args.overrides, args.jobs, args.metric)
+    stopped = sweep.run()
+    combos: dict[int, list[_Job]] = {}
+    for job in jobs:
+        combos.setdefault(job.combo, []).append(job)
+    info = {"config": args.config, "overrides": args.overrides, "seeds": sorted({j.seed for j in jobs})}
+    report(out, {k: [v for v, _ in vals] for k, vals in grid.items()},
+           [(js[0].values, [j.run for j in js]) for js in combos.values()], sweep.metric or "val.loss", info,
+           fallback_label=optimizer)  # fmt: skip
+    n_ok = sum(j.run.status in ("ok", "diverged") for j in jobs)  # finished: not run again
+    where = f"{out / 'summary.md'} (also summary.csv, sweep.json)"
+    if stopped:
+        again = "the same command" if args.out else f"the same command with --out {out}"
+        print(f"interrupted: {n_ok}/{len(jobs)} runs finished; table of what finished in {where}; "
+              f"{again} continues the sweep", flush=True)  # fmt: skip
+        return cli.EXIT_INTERRUPTED
+    print(f"done: {n_ok}/{len(jobs)} runs finished ({sweep.skipped} skipped, finished earlier) -> {where}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ import argparse
 import sys
 import warnings
 
+from singlestep import cli
 from singlestep.errors import UserError
 
 __all__ = ["main"]
 
-EXIT_USER_ERROR = 2
-EXIT_STOPPED = 3  # the run stopped itself: non-finite steps or a diverging loss (trainer.on_nonfinite)
-EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m singlestep.train",
         description="Train one run described by a YAML config; key=value overrides change any key.",
         epilog="examples: optimizer.lr=1e-3  trainer.clip_grad_norm=null  optimizer.betas=[0.9,0.99]  optimizer=adagrad",
@@ -52,15 +50,6 @@ def _list_components() -> str:
     return "\n".join(lines)
 
 
-class _ArgError(UserError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own exit code is 2 too; keep it one line
-        raise _ArgError(f"{self.prog}: {message}")
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -68,43 +57,38 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     warnings.formatwarning = _one_line_warning  # a user reads "warning: why", not our source lines
-    parser = _parser()
-    parser.__class__ = _Parser
-    try:
-        args = parser.parse_intermixed_args(argv)  # key=value before and after the options
-        if args.list:
-            print(_list_components())
-            return 0
-        if args.config and args.resume:
-            raise _ArgError(f"{parser.prog}: give --config or --resume, not both (a resumed run keeps its own config)")
-        if not args.config and not args.resume:
-            raise _ArgError(f"{parser.prog}: --config FILE is required (or --resume RUN_DIR, or --list)")
-        from singlestep.config import config_to_dict, dump_yaml, load_config
+    return cli.run(lambda: _main(_parser(), argv))
 
-        resume = None
-        if args.resume:
-            from singlestep.checkpoint import Resume, check_belongs, find_checkpoint, load_checkpoint, resume_config
 
-            run_dir, path = find_checkpoint(args.resume)
-            state = load_checkpoint(path)
-            check_belongs(run_dir, state, path)
-            cfg = resume_config(state, args.overrides, str(path))
-            resume = Resume(run_dir, path, state)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_yaml(config_to_dict(cfg)), end="")
-            return 0
-        from singlestep.trainer import Trainer
+def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = parser.parse_intermixed_args(argv)  # key=value before and after the options
+    if args.list:
+        print(_list_components())
+        return 0
+    if args.config and args.resume:
+        raise UserError(f"{parser.prog}: give --config or --resume, not both (a resumed run keeps its own config)")
+    if not args.config and not args.resume:
+        raise UserError(f"{parser.prog}: --config FILE is required (or --resume RUN_DIR, or --list)")
+    from singlestep.config import config_to_dict, dump_yaml, load_config
 
-        summary = Trainer(cfg, resume=resume).fit()
-        return {"ok": 0, "interrupted": EXIT_INTERRUPTED, "diverged": EXIT_STOPPED}[summary["status"]]
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    resume = None
+    if args.resume:
+        from singlestep.checkpoint import Resume, check_belongs, find_checkpoint, load_checkpoint, resume_config
+
+        run_dir, path = find_checkpoint(args.resume)
+        state = load_checkpoint(path)
+        check_belongs(run_dir, state, path)
+        cfg = resume_config(state, args.overrides, str(path))
+        resume = Resume(run_dir, path, state)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(config_to_dict(cfg)), end="")
+        return 0
+    from singlestep.trainer import Trainer
+
+    summary = Trainer(cfg, resume=resume).fit()
+    return {"ok": 0, "interrupted": cli.EXIT_INTERRUPTED, "diverged": cli.EXIT_STOPPED}[summary["status"]]
 
 
 if __name__ == "__main__":
@@ -114,5 +98,5 @@ if __name__ == "__main__":
         malloc.reexec()  # before torch loads: per-sample steps run faster under tcmalloc/jemalloc
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(cli.EXIT_USER_ERROR)
     sys.exit(main())

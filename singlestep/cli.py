@@ -1,0 +1,37 @@
+"""What every command line (train, plot, sweep) shares: the exit codes, argument errors as one
+line, and the wrapper that turns a user error into ``error: ...`` and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from singlestep.errors import UserError
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_STOPPED", "EXIT_USER_ERROR", "ArgumentParser", "run"]
+
+EXIT_USER_ERROR = 2  # one message on stderr, no traceback
+EXIT_STOPPED = 3  # a run stopped itself: training went wrong (summary.json says why)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM, after a clean stop
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a :class:`UserError` (one line, exit 2, as every other mistake)."""
+
+    def error(self, message: str):  # argparse's own exit code is 2 too; keep it one line
+        raise UserError(f"{self.prog}: {message}")
+
+
+def run(body: Callable[[], int]) -> int:
+    """Call ``body`` and return its exit code; a user error prints ``error: ...`` (exit 2), Ctrl-C
+    outside the run's own handling prints ``interrupted`` (exit 130). Anything else is a bug and
+    keeps its traceback."""
+    try:
+        return body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
