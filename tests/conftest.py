@@ -53,6 +53,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120,
     )  # fmt: skip
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """``python -m singlestep.train ARGS`` in this process (no interpreter or torch start-up): the
+    same main() the CLI runs, its output captured. For the paths that end in an exit code; a bug
+    raises here instead of printing a traceback, so tests of tracebacks use :func:`run_cli`."""
+    import contextlib
+    import io
+
+    from singlestep.train import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["singlestep.train", *args], code, out.getvalue(), err.getvalue())
+
+
 # Compiled chunks go to a per-session folder unless the developer points SINGLESTEP_CACHE at a
 # persistent one (which makes repeated local runs skip compilation).
 os.environ.setdefault("SINGLESTEP_CACHE", tempfile.mkdtemp(prefix="singlestep-test-cache-"))

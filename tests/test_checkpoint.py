@@ -12,14 +12,14 @@ import yaml
 
 from singlestep import checkpoint
 from singlestep.errors import UserError
-from tests.conftest import base_config, run_cli
+from tests.conftest import base_config, run_main
 
 
 def quick_run(tmp_path, write_config, *extra, **output):
     cfg = base_config()
     cfg["optimizer"] = {"name": "adam", "lr": 0.01}
     cfg["output"] = {"checkpoint_every": 20, "curves": False, **output}
-    result = run_cli("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}", *extra)
+    result = run_main("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}", *extra)
     assert result.returncode == 0, result.stderr
     return tmp_path / "run"
 
@@ -65,13 +65,13 @@ def test_a_checkpoint_naming_a_callable_is_refused_without_running_it(tmp_path, 
     with pytest.raises(UserError, match="refused.*never run pickled code") as info:
         checkpoint.load_checkpoint(path)
     assert "system" in str(info.value)
-    result = run_cli("--resume", str(run_dir))
+    result = run_main("--resume", str(run_dir))
     assert result.returncode == 2 and "refused" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_resume_refuses_changed_keys_and_lists_them(tmp_path, write_config):
     run_dir = quick_run(tmp_path, write_config)
-    result = run_cli("--resume", str(run_dir), "optimizer.lr=0.1", "trainer.clip_grad_norm=2.0", "trainer.epochs=2")
+    result = run_main("--resume", str(run_dir), "optimizer.lr=0.1", "trainer.clip_grad_norm=2.0", "trainer.epochs=2")
     assert result.returncode == 2
     assert "optimizer.lr: 0.01 -> 0.1" in result.stderr and "trainer.clip_grad_norm: null -> 2.0" in result.stderr
     assert "trainer.epochs" not in result.stderr.split("differ")[1].split(";")[0]  # an allowed change
@@ -79,7 +79,7 @@ def test_resume_refuses_changed_keys_and_lists_them(tmp_path, write_config):
 
 def test_resume_extends_epochs_and_continues_the_metrics(tmp_path, write_config):
     run_dir = quick_run(tmp_path, write_config)
-    result = run_cli("--resume", str(run_dir), "trainer.epochs=3")
+    result = run_main("--resume", str(run_dir), "trainer.epochs=3")
     assert result.returncode == 0, result.stderr
     assert "resumed at step 64" in result.stdout
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["epochs"] == 3
@@ -91,7 +91,7 @@ def test_resume_errors_are_one_line(tmp_path):
     for args, text in [(("--resume", str(tmp_path / "nope")), "no such run folder"),
                        (("--resume", str(tmp_path)), "no checkpoint to resume from"),
                        (("--resume", str(tmp_path), "--config", "x.yaml"), "not both")]:  # fmt: skip
-        result = run_cli(*args)
+        result = run_main(*args)
         assert result.returncode == 2 and text in result.stderr and "Traceback" not in result.stderr
 
 
@@ -120,7 +120,7 @@ def test_state_that_a_weights_only_load_would_refuse_turns_checkpoints_off_with_
     cfg = base_config()
     cfg["optimizer"] = {"name": "tests.test_checkpoint.KeepsAFunction", "lr": 0.01}
     cfg["output"] = {"checkpoint_every": 20, "curves": False}
-    result = run_cli("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}")
+    result = run_main("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("no checkpoints for this run") == 1 and "builtin_function_or_method" in result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -143,18 +143,18 @@ def test_a_checkpoint_file_outside_its_run_folder_or_from_another_run_is_refused
     run_a = quick_run(tmp_path / "a", write_config)
     stray = tmp_path / "stray.pt"
     stray.write_bytes(checkpoint.find_checkpoint(run_a)[1].read_bytes())
-    result = run_cli("--resume", str(stray))
+    result = run_main("--resume", str(stray))
     assert result.returncode == 2 and "not in one" in result.stderr
     # Run b's folder, holding a checkpoint of run a (another lr): refused, b untouched.
     cfg = base_config()
     cfg["optimizer"] = {"name": "adam", "lr": 0.05}
     cfg["output"] = {"checkpoint_every": 20, "curves": False}
     b = tmp_path / "b"
-    assert run_cli("--config", str(write_config(cfg, "b.yaml")), f"output.run_dir={b}").returncode == 0
+    assert run_main("--config", str(write_config(cfg, "b.yaml")), f"output.run_dir={b}").returncode == 0
     before = (b / "metrics.jsonl").read_bytes()
     foreign = b / "checkpoints" / "step-000000070.pt"
     foreign.write_bytes(checkpoint.find_checkpoint(run_a)[1].read_bytes())
-    result = run_cli("--resume", str(foreign))
+    result = run_main("--resume", str(foreign))
     assert result.returncode == 2 and "belongs to another run" in result.stderr.replace("\n", " ") and "optimizer.lr" in result.stderr
     assert (b / "metrics.jsonl").read_bytes() == before
 
@@ -166,18 +166,18 @@ def test_damaged_checkpoints_are_one_line_errors(tmp_path, write_config):
     cases = {"empty": b"", "cut short": good[: len(good) // 2], "another file": b"name: not a checkpoint\n"}
     for what, content in cases.items():
         path.write_bytes(content)
-        result = run_cli("--resume", str(run_dir))
+        result = run_main("--resume", str(run_dir))
         assert result.returncode == 2 and "Traceback" not in result.stderr, what
         assert str(path) in result.stderr, what
     state = torch.load(io.BytesIO(good), weights_only=True)
     del state["engine"]
     torch.save(state, path)
-    result = run_cli("--resume", str(run_dir))
+    result = run_main("--resume", str(run_dir))
     assert result.returncode == 2 and "lacks engine" in result.stderr
     state = torch.load(io.BytesIO(good), weights_only=True)
     state["model"]["weight"] = torch.zeros(3, 3)  # a model that changed shape since
     torch.save(state, path)
-    result = run_cli("--resume", str(run_dir))
+    result = run_main("--resume", str(run_dir))
     assert result.returncode == 2 and "does not fit this run" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -187,7 +187,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path, write_config):
 
     holder = RunDir(run_dir)  # as a run still going would hold it
     try:
-        result = run_cli("--resume", str(run_dir))
+        result = run_main("--resume", str(run_dir))
         assert result.returncode == 2 and "in use by another process" in result.stderr
     finally:
         holder.close()
@@ -200,7 +200,7 @@ def test_tensorboard_keeps_the_events_at_the_checkpoint_step_on_resume(tmp_path,
     run_dir = quick_run(tmp_path, write_config, "output.tensorboard=true", "trainer.epochs=2", "output.checkpoint_every=16")
     older = sorted((run_dir / "checkpoints").glob("step-*.pt"))[0]  # step 96, where a metrics line was written too
     assert older.name == "step-000000096.pt"
-    assert run_cli("--resume", str(older)).returncode == 0
+    assert run_main("--resume", str(older)).returncode == 0
     events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [16, 32, 48, 64, 80, 96, 112, 128]

@@ -16,15 +16,17 @@ from singlestep import checkpoint
 from singlestep.config import validate
 from singlestep.errors import UserError
 from singlestep.trainer import Trainer
-from tests.conftest import base_config, run_cli
+from tests.conftest import base_config, run_cli, run_main
 
 
-def cli_run(tmp_path, write_config, *overrides, optimizer=None):
+def cli_run(tmp_path, write_config, *overrides, optimizer=None, process=False):
+    """The train CLI on a 64-sample config, 2 epochs; ``process``: in a subprocess (to see a traceback)."""
     cfg = base_config()
     cfg["trainer"].update(epochs=2)
     if optimizer:
         cfg["optimizer"] = optimizer
-    result = run_cli("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}", *overrides)
+    runner = run_cli if process else run_main
+    result = runner("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}", *overrides)
     summary_path = tmp_path / "run" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     return result, summary
@@ -107,7 +109,7 @@ def test_divergence_threshold_stops_with_exit_3(tmp_path, write_config):
 
 def test_an_error_inside_step_leaves_a_failed_summary_and_a_clear_refusal(tmp_path, write_config):
     broken = {"name": "tests.test_reliability.Broken", "lr": 0.05}
-    result, summary = cli_run(tmp_path, write_config, "output.checkpoint_every=16", optimizer=broken)
+    result, summary = cli_run(tmp_path, write_config, "output.checkpoint_every=16", optimizer=broken, process=True)
     assert result.returncode == 1 and "ZeroDivisionError: a bug in the user's step()" in result.stderr  # a traceback: a bug
     assert summary["status"] == "failed" and summary["error"] == "ZeroDivisionError: a bug in the user's step()"
     assert summary["steps"] == 32 and summary["final"] is None
@@ -141,7 +143,7 @@ def test_a_full_disk_while_checkpointing_fails_cleanly_keeping_the_previous_one(
 def test_an_output_folder_that_cannot_be_created_is_exit_2(tmp_path, write_config):
     (tmp_path / "a-file").write_text("not a folder")
     cfg = base_config()
-    result = run_cli("--config", str(write_config(cfg)), f"output.dir={tmp_path / 'a-file'}")
+    result = run_main("--config", str(write_config(cfg)), f"output.dir={tmp_path / 'a-file'}")
     assert result.returncode == 2 and "cannot create run folder" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -163,7 +165,7 @@ def test_a_signal_during_the_last_call_is_a_finished_run(tmp_path):
 
 def test_a_model_that_cannot_fit_the_data_is_exit_2_before_any_folder(tmp_path, write_config):
     cfg = base_config(model={"name": "cnn"})
-    result = run_cli("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}")
+    result = run_main("--config", str(write_config(cfg)), f"output.run_dir={tmp_path / 'run'}")
     assert result.returncode == 2 and "model 'cnn' needs image inputs" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
@@ -184,7 +186,7 @@ def test_resuming_a_finished_run_keeps_its_last_metrics_line(tmp_path, write_con
     result, summary = cli_run(tmp_path, write_config)
     assert result.returncode == 0
     before = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    again = run_cli("--resume", str(tmp_path / "run"))
+    again = run_main("--resume", str(tmp_path / "run"))
     assert again.returncode == 0 and "nothing to train" in again.stdout
     after = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("time", "samples_per_second")} for x in lines]  # noqa: E731
@@ -198,12 +200,12 @@ def test_a_damaged_config_yaml_or_an_old_checkpoint_on_resume_is_exit_2(tmp_path
     config = tmp_path / "run" / "config.yaml"
     good = config.read_text()
     config.write_text(good + "name: t\n")  # a key twice
-    again = run_cli("--resume", str(tmp_path / "run"))
+    again = run_main("--resume", str(tmp_path / "run"))
     assert again.returncode == 2 and "cannot read" in again.stderr and "Traceback" not in again.stderr
     config.write_text(good)
     path = checkpoint.find_checkpoint(tmp_path / "run")[1]
     state = torch.load(path, weights_only=True)
     state["format"] = 1
     torch.save(state, path)
-    again = run_cli("--resume", str(tmp_path / "run"))
+    again = run_main("--resume", str(tmp_path / "run"))
     assert again.returncode == 2 and "has format 1" in again.stderr
