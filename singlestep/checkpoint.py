@@ -35,7 +35,7 @@ import torch
 import yaml
 
 import singlestep
-from singlestep.errors import ConfigError, UserError
+from singlestep.errors import ConfigError, UserError, first_line
 
 __all__ = [
     "FORMAT",
@@ -214,11 +214,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        why = f"it names {found.group(1)}" if found else _first_line(exc)
+        why = f"it names {found.group(1)}" if found else first_line(exc)
         raise UserError(f"checkpoint {path} holds something other than tensors and plain values ({why}); refused: "
                         "checkpoints are loaded with weights_only=True and never run pickled code") from None  # fmt: skip
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {_first_line(exc)}; truncated?)") from None
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {first_line(exc)}; truncated?)") from None
     if not isinstance(state, dict) or "format" not in state:
         raise UserError(f"checkpoint {path} is not a singlestep checkpoint")
     if state["format"] != FORMAT:
@@ -228,11 +228,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return state
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else "no message"
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,7 +6,7 @@ without a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "ConfigError", "DataError", "IncompatibleError", "RegistryError"]
+__all__ = ["UserError", "ConfigError", "DataError", "IncompatibleError", "RegistryError", "first_line"]
 
 
 class UserError(Exception):
@@ -41,3 +41,9 @@ class IncompatibleError(UserError):
 
 class RegistryError(UserError):
     """A component name that is neither registered nor an importable dotted path, or of the wrong kind."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line error (some have no message)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

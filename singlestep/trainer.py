@@ -24,7 +24,7 @@ from singlestep.config import COMPONENTS, Component, Config, config_to_dict
 from singlestep.data.base import DataBundle
 from singlestep.device import resolve_device
 from singlestep.engine import build_engine
-from singlestep.errors import ConfigError, UserError
+from singlestep.errors import ConfigError, UserError, first_line
 from singlestep.health import window_problem
 from singlestep.loop_state import LoopState, steps_per_epoch
 from singlestep.losses import loss_for
@@ -140,6 +140,9 @@ class Trainer:
         """Continue from a checkpoint: parameters, optimizer and schedule, loop position, RNGs,
         and the engine's choices, so that the steps ahead give the numbers they would have."""
         loop = state["loop"]
+        if loop["order"] is not None and len(loop["order"]) != len(self.data.train):
+            raise UserError(f"the checkpoint's epoch order covers {len(loop['order']):,} training samples, the data now "
+                            f"has {len(self.data.train):,}: the dataset's files changed since; start a new run")  # fmt: skip
         if loop["step"] > self.total_steps:
             raise ConfigError(f"the checkpoint is at step {loop['step']:,}, past this run's end ({self.total_steps:,} "
                               "steps): give a larger trainer.epochs or trainer.max_steps")  # fmt: skip
@@ -156,9 +159,8 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             where = self.resume.path if self.resume is not None else "the checkpoint"
-            first = (str(exc).strip().splitlines() or [""])[0]
             raise UserError(f"checkpoint {where} does not fit this run (its model, optimizer or engine differ: "
-                            f"{type(exc).__name__}: {first})") from None  # fmt: skip
+                            f"{type(exc).__name__}: {first_line(exc)})") from None  # fmt: skip
 
     def _checkpoint(self, run: RunDir, progress: Progress) -> None:
         """Save a checkpoint now (atomically), and keep the newest ``output.keep_checkpoints``.
@@ -191,7 +193,7 @@ class Trainer:
             with torch.no_grad():
                 self.loss_fn(self.model(x), y)
         except (RuntimeError, ValueError, IndexError) as exc:
-            first = str(exc).splitlines()[0]
+            first = first_line(exc)
             raise ConfigError(
                 f"model '{self.cfg.model.name}' does not fit data '{self.cfg.data.name}' "
                 f"(input {tuple(x.shape[1:])}, task {self.data.meta.task}): {first}"

@@ -204,3 +204,13 @@ def test_tensorboard_keeps_the_events_at_the_checkpoint_step_on_resume(tmp_path,
     events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [16, 32, 48, 64, 80, 96, 112, 128]
+
+
+def test_a_dataset_that_changed_size_since_the_checkpoint_is_one_line(tmp_path, write_config):
+    run_dir = quick_run(tmp_path, write_config, "output.checkpoint_every=40")
+    path = run_dir / "checkpoints" / "step-000000040.pt"  # mid-epoch: holds the epoch's order
+    state = torch.load(path, weights_only=True)
+    state["loop"]["order"] = state["loop"]["order"][:50]  # as if the data files had 50 samples then
+    torch.save(state, path)
+    result = run_main("--resume", str(path))
+    assert result.returncode == 2 and "the dataset's files changed" in result.stderr
