@@ -319,10 +319,11 @@ def not_traced() -> bool:
 
 
 @contextlib.contextmanager
-def dynamo_import_deferred() -> Iterator[None]:
-    """Build an optimizer without importing ``torch._dynamo`` (~1 s of every run's start-up).
+def dynamo_import_deferred(method: Callable[..., Any] | None = None) -> Iterator[None]:
+    """Build an optimizer (or call ``method``: ``Optimizer.state_dict``, for a checkpoint) without
+    importing ``torch._dynamo`` (~1 s of every run's start-up, or of its first checkpoint).
 
-    ``Optimizer.add_param_group`` is wrapped by ``torch._disable_dynamo``, which imports
+    ``Optimizer.add_param_group`` (and ``state_dict``) is wrapped by ``torch._disable_dynamo``, which imports
     ``torch._dynamo`` on its first call to learn how to hide the method from the compiler, then
     caches that answer on the method as ``__dynamo_disable``. While the compiler is not even
     loaded there is nothing to hide from, so for the constructor's duration the cached answer is
@@ -331,7 +332,7 @@ def dynamo_import_deferred() -> Iterator[None]:
     """
     import sys
 
-    raw = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__", None)
+    raw = getattr(method or torch.optim.Optimizer.add_param_group, "__wrapped__", None)
     if not enabled("dynamo_deferred", raw is not None) or hasattr(raw, "__dynamo_disable"):
         yield
         return

@@ -4,6 +4,7 @@ line, and the wrapper that turns a user error into ``error: ...`` and exit code 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -30,8 +31,14 @@ def run(body: Callable[[], int]) -> int:
     try:
         return body()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank()}error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _rank() -> str:
+    """``[rank N] `` for a torchrun rank other than 0 (whose messages may differ from rank 0's)."""
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" else ""

@@ -95,6 +95,12 @@ class TrainerConfig:
     chunk_size: int = 64
     # Samples per forward pass during evaluation (memory vs speed; results are exact either way).
     eval_batch_size: int = 1000
+    # hogwild: per-sample steps in `workers` processes on this machine, sharing the parameters (and
+    # the optimizer's state) without locks (Niu et al. 2011); not deterministic. Across machines,
+    # mini-batch steps scale with torchrun instead (docs/distributed.md).
+    parallel: Literal["none", "hogwild"] = "none"
+    # Processes for parallel: hogwild, each on one intra-op thread; null = one per CPU core.
+    workers: int | None = None
 
 
 @dataclass
@@ -400,6 +406,13 @@ def _check_trainer_values(t: TrainerConfig, problems: _Problems) -> None:
             problems.add(f"trainer.{key}", f"must be > 0 or null (off), got {value}")
     if t.mode == "per_sample" and t.grad_accum_steps != 1:
         problems.add("trainer.grad_accum_steps", "per_sample mode takes one step per sample; accumulation needs mode: minibatch")
+    if isinstance(t.workers, int) and t.workers < 1:
+        problems.add("trainer.workers", f"must be >= 1 or null (one per CPU core), got {t.workers}")
+    if t.workers is not None and t.parallel == "none":
+        problems.add("trainer.workers", "is for trainer.parallel: hogwild (set it too, or drop workers)")
+    if t.parallel == "hogwild" and t.mode != "per_sample":
+        problems.add("trainer.parallel", "hogwild runs per-sample steps (trainer.mode: per_sample); mini-batch "
+                     "steps run in parallel under torchrun (docs/distributed.md)")  # fmt: skip
 
 
 def _check_output_values(o: OutputConfig, problems: _Problems) -> None:

@@ -8,7 +8,7 @@ Nothing syncs until :meth:`compute` is called.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -117,22 +117,49 @@ class MetricAccumulator:
         err = output.double() - y
         mean_b = y.mean(0)  # [*out]
         m2_b = (y - mean_b).square().sum(0)  # about the chunk's own mean: no cancellation
+        self._merge_regression(nb, mean_b, m2_b, y.amin(0), y.amax(0), err.abs().sum(0), err.square().sum(0))
+
+    def _merge_regression(self, nb: int | Tensor, mean_b: Tensor, m2_b: Tensor, min_b: Tensor, max_b: Tensor,
+                          abs_b: Tensor, sq_b: Tensor) -> None:  # fmt: skip
+        """Add a chunk's (or another accumulator's) count, mean, M2, min, max and error sums."""
         if self.y_mean is None:
-            self.abs_sum, self.sq_sum = err.abs().sum(0), err.square().sum(0)
-            self.y_mean, self.y_m2 = mean_b, m2_b
-            self.y_min, self.y_max = y.amin(0), y.amax(0)
+            self.abs_sum, self.sq_sum = abs_b.clone(), sq_b.clone()
+            self.y_mean, self.y_m2 = mean_b.clone(), m2_b.clone()
+            self.y_min, self.y_max = min_b.clone(), max_b.clone()
             self.count += nb
             return
-        self.abs_sum += err.abs().sum(0)
-        self.sq_sum += err.square().sum(0)
+        self.abs_sum += abs_b
+        self.sq_sum += sq_b
         # Chan et al.'s merge of (count, mean, M2) pairs; self.count stays a device tensor (no sync).
         total = self.count + nb
         delta = mean_b - self.y_mean
         self.y_mean += delta * (nb / total)
         self.y_m2 += m2_b + delta.square() * (self.count * nb / total)
-        torch.minimum(self.y_min, y.amin(0), out=self.y_min)
-        torch.maximum(self.y_max, y.amax(0), out=self.y_max)
+        torch.minimum(self.y_min, min_b, out=self.y_min)
+        torch.maximum(self.y_max, max_b, out=self.y_max)
         self.count.copy_(total)
+
+    _REGRESSION = ("y_mean", "y_m2", "y_min", "y_max", "abs_sum", "sq_sum")
+
+    def state(self) -> dict[str, Any]:
+        """The sums as CPU tensors, to combine with other processes' (:meth:`merge`)."""
+        names = ("loss_sum", "count", *(("confusion",) if self.task == "classification" else ()),
+                 *(self._REGRESSION if self.task == "regression" else ()))  # fmt: skip
+        return {name: None if getattr(self, name) is None else getattr(self, name).cpu() for name in names}
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add another accumulator's :meth:`state` (another process's part of the split): the
+        result is what one accumulator over both parts would hold, up to summation order."""
+        to = lambda t: t.to(self.loss_sum.device)  # noqa: E731
+        self.loss_sum += to(other["loss_sum"])
+        if self.task == "regression":
+            if other["y_mean"] is not None:
+                self._merge_regression(to(other["count"]), *(to(other[k]) for k in self._REGRESSION[:4]),
+                                       to(other["abs_sum"]), to(other["sq_sum"]))  # fmt: skip
+            return
+        self.count += to(other["count"])
+        if self.task == "classification":
+            self.confusion += to(other["confusion"])
 
     def compute(self) -> dict[str, Any]:
         """Read the sums (one device sync) and return plain-Python metrics.
@@ -173,11 +200,17 @@ def evaluate(
     *,
     num_classes: int | None = None,
     batch_size: int = 1000,
+    part: Callable[[int], tuple[int, int]] | None = None,
+    combine: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Exact metrics over a whole split, computed in chunks of ``batch_size`` samples.
 
     For token splits every token is predicted once: windows that do not overlap are taken (every
     ``block_size / stride``-th window), so the figures are per token of the split.
+
+    ``part`` and ``combine`` split the work between processes (``distributed.Dist``): ``part(n)``
+    is this process's ``[start, stop)`` of the split's ``n`` samples (or windows), ``combine``
+    exchanges every process's :meth:`MetricAccumulator.state`; the parts are merged in order.
     """
     was_training = model.training
     model.eval()
@@ -185,11 +218,18 @@ def evaluate(
     if isinstance(split, TokenSplit):
         step = max(1, split.block_size // split.stride)
         starts = torch.arange(0, len(split), step, device=split.device)
-        for i in range(0, starts.numel(), batch_size):
-            x, y = split.get(starts[i : i + batch_size])
+        lo, hi = part(starts.numel()) if part else (0, starts.numel())
+        for i in range(lo, hi, batch_size):
+            x, y = split.get(starts[i : min(i + batch_size, hi)])
             acc.update(model(x), y)
     else:
-        for x, y in split.chunks(batch_size):
+        lo, hi = part(len(split)) if part else (0, len(split))
+        for x, y in split.chunks(batch_size, lo, hi):
             acc.update(model(x), y)
     model.train(was_training)
+    if combine is not None:
+        states = combine(acc.state())
+        acc = MetricAccumulator(task, split.device, num_classes)
+        for state in states:
+            acc.merge(state)
     return acc.compute()

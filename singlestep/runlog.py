@@ -13,7 +13,7 @@ from typing import Any
 
 from singlestep.errors import UserError
 
-__all__ = ["Progress", "RunDir", "make_run_dir", "tensorboard_available", "write_atomic"]
+__all__ = ["Progress", "RunDir", "SilentRun", "make_run_dir", "summary_line", "tensorboard_available", "write_atomic"]
 
 
 def make_run_dir(base: str, name: str, exact: str | None) -> Path:
@@ -151,6 +151,33 @@ class RunDir:
             self._lock.close()  # releases the lock
 
 
+class SilentRun:
+    """The run folder as a torchrun rank other than 0 sees it: the same calls, nothing written
+    (rank 0 writes the folder for all ranks)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._start = time.perf_counter()
+
+    def write_config(self, resolved: dict[str, Any]) -> None:
+        pass
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def log(self, event: dict[str, Any]) -> None:
+        pass
+
+    def metrics_bytes(self) -> int:
+        return 0
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _lock(path: Path) -> Any:
     """An exclusive lock on ``path/.lock`` for this process's lifetime (None where ``fcntl`` is
     missing): a second process resuming or writing the same folder gets a clear error instead of
@@ -209,6 +236,20 @@ def _tensorboard_writer(path: Path, step: int) -> Any:
 
     # purge_step: a resumed run's events from after its checkpoint are dropped, as in metrics.jsonl.
     return SummaryWriter(log_dir=str(path), purge_step=step or None)
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """The one line a finished run prints from its ``summary.json``."""
+    word = {"ok": "done", "interrupted": "interrupted", "diverged": "stopped"}[s["status"]]
+    parts = [f"{word}: {s['name']}", f"{s['steps']:,} steps", f"{s['epochs']:.2f} epochs", f"{s['train_seconds']:.1f}s train"]
+    for split in ("val", "test"):
+        m = s["final"].get(split)
+        if m:
+            key = "accuracy" if "accuracy" in m else "loss"
+            value = m[key]
+            parts.append(f"{split} {key} {value:.4f}" if abs(value) < 1e4 else f"{split} {key} {value:.4g}")
+    parts.append(f"-> {s['run_dir']}")
+    return " | ".join(parts)
 
 
 class Progress:

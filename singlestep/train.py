@@ -85,9 +85,11 @@ def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     if args.print_config:
         print(dump_yaml(config_to_dict(cfg)), end="")
         return 0
+    from singlestep.distributed import session
     from singlestep.trainer import Trainer
 
-    summary = Trainer(cfg, resume=resume).fit()
+    with session(cfg) as dist:  # under torchrun: the process group (gloo / NCCL); else nothing
+        summary = Trainer(cfg, resume=resume, dist=dist).fit()
     return {"ok": 0, "interrupted": cli.EXIT_INTERRUPTED, "diverged": cli.EXIT_STOPPED}[summary["status"]]
 
 

@@ -18,33 +18,22 @@ from typing import Any, TextIO
 
 import torch
 
+from singlestep import _compat as compat
 from singlestep import checkpoint, malloc
+from singlestep.build import build
 from singlestep.checkpoint import Resume
-from singlestep.config import COMPONENTS, Component, Config, config_to_dict
-from singlestep.data.base import DataBundle
+from singlestep.config import Config, config_to_dict
+from singlestep.data.base import DataBundle, Split
 from singlestep.device import resolve_device
-from singlestep.engine import build_engine
+from singlestep.distributed import SINGLE, Dist
+from singlestep.engine.hogwild import HogwildEngine
 from singlestep.errors import ConfigError, UserError, first_line
 from singlestep.health import window_problem
 from singlestep.loop_state import LoopState, steps_per_epoch
-from singlestep.losses import loss_for
 from singlestep.metrics import evaluate
-from singlestep.optim.build import build_optimizer
-from singlestep.runlog import Progress, RunDir, make_run_dir, tensorboard_available
+from singlestep.runlog import Progress, RunDir, SilentRun, make_run_dir, summary_line, tensorboard_available
 
 __all__ = ["LoopState", "Resume", "Trainer", "resolve_device", "steps_per_epoch"]
-
-
-def _build(key: str, component: Component, *runtime: Any) -> Any:
-    """Call a registered builder; a ValueError/TypeError from it is a config error at ``key``."""
-    registry, _ = COMPONENTS[key]
-    builder = registry.get(component.name)
-    try:
-        return builder(*runtime, **component.kwargs)
-    except UserError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{key} ({component.name}): {exc}") from None
 
 
 class Trainer:
@@ -55,12 +44,15 @@ class Trainer:
         out: where progress lines go (stdout).
         resume: continue the run a checkpoint was taken from (its config must be ``cfg``, up to
             the keys ``checkpoint.RESUMABLE_KEYS`` names: see ``checkpoint.resume_config``).
+        dist: this process's place in a torchrun launch (``distributed.session``); rank 0 alone
+            writes the run folder and prints.
     """
 
-    def __init__(self, cfg: Config, out: TextIO | None = None, resume: Resume | None = None):
+    def __init__(self, cfg: Config, out: TextIO | None = None, resume: Resume | None = None, dist: Dist = SINGLE):
         self.started = time.perf_counter()  # wall time includes loading data and building
         self.cfg = cfg
         self.out = out or sys.stdout
+        self.dist = dist
         self.stop_requested = False
         self.failure: str | None = None  # why the run stopped itself (health.window_problem)
         self.resume = resume
@@ -72,36 +64,23 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
-        self.device = resolve_device(cfg.device)
+        self.device = self.dist.device or resolve_device(cfg.device)
         # Per-sample optimizer state (Adam's second moment, Adagrad's sum) decays into denormal
         # floats on weights whose inputs are often zero; the CPU handles those up to 20x slower.
         torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed)
-        self.data: DataBundle = _build("data", cfg.data, self.device)
-        meta = self.data.meta
-        if len(self.data.train) == 0:
-            raise ConfigError(f"data ({cfg.data.name}): the training split is empty")
-        self.model = _build("model", cfg.model, meta).to(self.device)
-        self.loss_fn = loss_for(meta.task)
-        self._check_fit()
-        optimizer_cls = COMPONENTS["optimizer"][0].get(cfg.optimizer.name)
-        self.optimizer, self.decay_counts = build_optimizer(
-            self.model, optimizer_cls, cfg.optimizer.kwargs, param_groups=cfg.param_groups, no_decay=cfg.no_decay
-        )
-        self.steps_per_epoch = steps_per_epoch(len(self.data.train), t.mode, t.batch_size, t.grad_accum_steps)
-        self.total_steps = self.steps_per_epoch * t.epochs
-        if t.max_steps is not None:
-            self.total_steps = min(self.total_steps, t.max_steps)
-        self.scheduler = None
-        if cfg.scheduler is not None:
-            self.scheduler = _build("scheduler", cfg.scheduler, self.optimizer, self.total_steps)
-        self.engine = build_engine(
-            t.engine, model=self.model, loss_fn=self.loss_fn, optimizer=self.optimizer, scheduler=self.scheduler,
-            train=self.data.train, clip_grad_norm=t.clip_grad_norm, clip_grad_value=t.clip_grad_value,
-            check_finite=t.check_finite, chunk_size=t.chunk_size,
-            batch_shape=(t.grad_accum_steps, t.batch_size) if t.mode == "minibatch" else None,
-            total_steps=self.total_steps, log=self._print,
-        )  # fmt: skip
+        engine = t.engine
+        if self.dist.active and engine != "eager":
+            self._print(f"engine {engine} runs eagerly under torchrun: the all-reduce between processes is a "
+                        "collective inside the step, which a compiled chunk does not hold (docs/distributed.md)")  # fmt: skip
+            engine = "eager"
+        built = build(cfg, self.device, engine=engine, log=self._print, grad_transforms=self.dist.grad_transforms())
+        self.data: DataBundle = built.data
+        self.model, self.loss_fn, self.optimizer, self.scheduler = built.model, built.loss_fn, built.optimizer, built.scheduler
+        self.decay_counts, self.steps_per_epoch, self.total_steps = built.decay_counts, built.steps_per_epoch, built.total_steps
+        self.engine = built.engine
+        if t.parallel == "hogwild":
+            self.engine = HogwildEngine.around(built.engine, t.workers, log=self._print)
         self.state = LoopState(seed=cfg.seed)
         # Counters that span the whole run (and a resume): a checkpoint carries them.
         self.samples_seen = 0
@@ -116,13 +95,15 @@ class Trainer:
     # ------------------------------------------------------------------ run state
 
     def state_dict(self, run: RunDir) -> dict[str, Any]:
-        """Everything a checkpoint holds (see ``checkpoint.py``); taken between engine calls."""
+        """Everything a checkpoint holds (see ``checkpoint.py``); taken between engine calls. Under
+        torchrun every rank calls it (each rank's RNG states are gathered); rank 0 saves it."""
+        rngs = self.dist.gather(checkpoint.rng_state())
         return {
             "format": checkpoint.FORMAT,
             "versions": checkpoint.versions(),
             "config": config_to_dict(self.cfg),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             # boundary_done: the evaluations and log due at this step were done (not at the run's
             # end, where they wait for the final ones; a longer resumed run does them first).
@@ -131,15 +112,26 @@ class Trainer:
                      "last_train_loss": self.last_train_loss, "train_seconds": self._train_seconds(),
                      "run_seconds": run.elapsed(),
                      "wall_seconds": self.wall_before + time.perf_counter() - self.started},
-            "rng": checkpoint.rng_state(),
+            "rng": rngs[0],
+            "rank_rng": rngs if self.dist.active else None,
+            "world_size": self.dist.world_size,
             "engine": self.engine.state_dict(),
             "metrics_bytes": run.metrics_bytes(),
         }
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        with compat.dynamo_import_deferred(torch.optim.Optimizer.state_dict):  # eager runs never load the compiler
+            return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: parameters, optimizer and schedule, loop position, RNGs,
         and the engine's choices, so that the steps ahead give the numbers they would have."""
         loop = state["loop"]
+        world = state.get("world_size", 1)
+        if world != self.dist.world_size:
+            launch = f"torchrun --nproc_per_node={world} (in all)" if world > 1 else "python -m singlestep.train (no torchrun)"
+            raise UserError(f"the checkpoint was written by {world} process(es), this run has {self.dist.world_size}: "
+                            f"each process's slice of a batch would change; resume it with {launch}")  # fmt: skip
         if loop["order"] is not None and len(loop["order"]) != len(self.data.train):
             raise UserError(f"the checkpoint's epoch order covers {len(loop['order']):,} training samples, the data now "
                             f"has {len(self.data.train):,}: the dataset's files changed since; start a new run")  # fmt: skip
@@ -156,7 +148,7 @@ class Trainer:
             self.last_train_loss, self.train_seconds = loop["last_train_loss"], loop["train_seconds"]
             self.wall_before = loop["wall_seconds"]
             self.engine.load_state_dict(state["engine"])
-            checkpoint.set_rng_state(state["rng"])
+            checkpoint.set_rng_state(state["rank_rng"][self.dist.rank] if self.dist.active else state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             where = self.resume.path if self.resume is not None else "the checkpoint"
             raise UserError(f"checkpoint {where} does not fit this run (its model, optimizer or engine differ: "
@@ -174,30 +166,18 @@ class Trainer:
             return
         if not self.checkpoints_ok:
             return
-        state = self.state_dict(run)
+        state = self.state_dict(run)  # under torchrun, on every rank (it gathers their RNGs)
         found = checkpoint.not_plain(state)
         if found:  # a weights-only load would refuse it: say so once and train on
             self.checkpoints_ok = False
             self._print(f"warning: no checkpoints for this run: its state holds a Python object at {found}, and "
                         "checkpoints hold only tensors and plain values (loaded with weights_only=True)")  # fmt: skip
             return
-        folder = self.run_dir / "checkpoints"
-        checkpoint.save_checkpoint(folder, self.state.step, state)
-        checkpoint.prune(folder, self.cfg.output.keep_checkpoints)
+        if self.dist.main:
+            folder = self.run_dir / "checkpoints"
+            checkpoint.save_checkpoint(folder, self.state.step, state)
+            checkpoint.prune(folder, self.cfg.output.keep_checkpoints)
         self.last_checkpoint = self.state.step
-
-    def _check_fit(self) -> None:
-        """Run one sample through model and loss, so a mismatch is a config error, not a mid-run crash."""
-        x, y = self.data.train.get(torch.zeros(1, dtype=torch.long, device=self.device))
-        try:
-            with torch.no_grad():
-                self.loss_fn(self.model(x), y)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            first = first_line(exc)
-            raise ConfigError(
-                f"model '{self.cfg.model.name}' does not fit data '{self.cfg.data.name}' "
-                f"(input {tuple(x.shape[1:])}, task {self.data.meta.task}): {first}"
-            ) from None
 
     # ------------------------------------------------------------------ the loop
 
@@ -227,30 +207,42 @@ class Trainer:
             raise
         finally:
             run.close()
-        if self.cfg.output.curves:
+        if self.cfg.output.curves and self.dist.main:
             from singlestep.plot import write_run_curves  # lazy: matplotlib only where it is used
 
             write_run_curves(self.run_dir)  # never fails a run for a picture
-        self._print(self._summary_line(summary))
+        self._print(summary_line(summary))
         return summary
 
     def _open_run(self) -> RunDir:
-        """Create (or, resuming, reopen and lock) the run folder."""
+        """Create (or, resuming, reopen and lock) the run folder. Under torchrun rank 0 does, and
+        tells the other ranks its name (or its error, so they stop with it instead of waiting)."""
         cfg, resume = self.cfg, self.resume
-        if resume is None:
-            self.run_dir = make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
-            run = RunDir(self.run_dir, tensorboard=cfg.output.tensorboard)
-        else:
-            self.run_dir = resume.run_dir
-            run = RunDir(self.run_dir, elapsed=resume.state["loop"]["run_seconds"], step=self.state.step,
-                         metrics_bytes=resume.state["metrics_bytes"], tensorboard=cfg.output.tensorboard)  # fmt: skip
         self.last_checkpoint = self.state.step if resume is not None else None
+        if not self.dist.main:
+            made = self.dist.from_main(None)
+            if isinstance(made, str):
+                raise UserError(made)
+            self.run_dir = made
+            return SilentRun(made)
+        try:
+            if resume is None:
+                self.run_dir = make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
+                run = RunDir(self.run_dir, tensorboard=cfg.output.tensorboard)
+            else:
+                self.run_dir = resume.run_dir
+                run = RunDir(self.run_dir, elapsed=resume.state["loop"]["run_seconds"], step=self.state.step,
+                             metrics_bytes=resume.state["metrics_bytes"], tensorboard=cfg.output.tensorboard)  # fmt: skip
+        except UserError as exc:
+            self.dist.from_main(str(exc))
+            raise
+        self.dist.from_main(self.run_dir)
         return run
 
     def _prepare(self, run: RunDir) -> None:
         """The folder's config (and vocabulary); a resume from an older checkpoint sets the newer aside."""
         cfg, resume = self.cfg, self.resume
-        if resume is not None:
+        if resume is not None and self.dist.main:
             aside = checkpoint.set_aside_newer(self.run_dir / "checkpoints", resume.path)
             if aside is not None:
                 self._print(f"resuming from an older checkpoint: the newer ones moved to {aside}")
@@ -275,7 +267,7 @@ class Trainer:
         # Schedule-free optimizers start in eval mode and refuse to step in it.
         self._optimizer_mode("train")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = Progress(self.total_steps, t.progress, initial=self.state.step)
+        progress = Progress(self.total_steps, t.progress and self.dist.main, initial=self.state.step)
         self._loop_started = time.perf_counter()
         self._window_start, self._window_samples = time.perf_counter(), 0
         try:
@@ -284,28 +276,23 @@ class Trainer:
             self._loop(run, progress)
         finally:
             progress.close()
+            self.engine.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
 
     def _finish(self, run: RunDir) -> dict[str, Any]:
         """The final evaluation, the weights and ``summary.json``."""
-        cfg, t, meta = self.cfg, self.cfg.trainer, self.data.meta
+        cfg = self.cfg
         with self._evaluating():  # the weights evaluated and saved are the optimizer's eval-mode ones
-            final = {split: evaluate(self.model, s, meta.task, num_classes=meta.num_classes,
-                                     batch_size=t.eval_batch_size)
-                     for split, s in self.data.splits().items()}  # fmt: skip
+            final = {split: self._evaluate(s) for split, s in self.data.splits().items()}
             for split, metrics in final.items():
                 run.log({"event": "eval", "step": self.state.step, "epoch": self._epoch_float(), "split": split,
                          **{k: v for k, v in metrics.items() if k != "confusion"}})  # fmt: skip
-            if cfg.output.save_model:
+            if cfg.output.save_model and self.dist.main:
                 torch.save(self.model.state_dict(), self.run_dir / "model.pt")
         final["train"] = {"loss": self.last_train_loss}
-        if self.failure is not None:
-            status = "diverged"
-        elif self.stop_requested and self.state.step < self.total_steps:
-            status = "interrupted"
-        else:
-            status = "ok"
+        interrupted = self.stop_requested and self.state.step < self.total_steps
+        status = "diverged" if self.failure is not None else "interrupted" if interrupted else "ok"
         summary = self._summary(status, self.failure, final)
         run.write_json("summary.json", summary)
         if self.failure is not None:
@@ -359,7 +346,7 @@ class Trainer:
         per_step = 1 if t.mode == "per_sample" else t.batch_size * t.grad_accum_steps
         chunk_cap = engine.max_chunk
         order_dev = None
-        while state.step < self.total_steps and not self.stop_requested and self.failure is None:
+        while state.step < self.total_steps and not self._stopping() and self.failure is None:
             if state.order is None:
                 order_dev = state.new_epoch(n).to(self.device)
             elif order_dev is None:
@@ -374,7 +361,10 @@ class Trainer:
                 taken, samples = k, k
             else:
                 take = order_dev[state.pos : state.pos + per_step]
-                engine.run_batch(list(take.split(micro)))
+                # Under torchrun each rank takes its slice of every micro-batch (an empty one is
+                # dropped), weighted by its share of the whole step's samples.
+                shards = [mb for mb in map(self.dist.shard, take.split(micro)) if mb.numel()]
+                engine.run_batch(shards, total=int(take.shape[0]))
                 taken, samples = 1, int(take.shape[0])
             state.pos += samples
             state.step += taken
@@ -393,6 +383,13 @@ class Trainer:
             self._checkpoint(run, progress)
         if self.engine.stats.steps:  # unread steps (a resumed run's too, though it took none)
             self._log_window(run, progress)
+
+    def _stopping(self) -> bool:
+        """Whether a stop was asked for; under torchrun, of any rank (one all-reduce per step), so
+        every rank leaves the loop at the same step."""
+        if self.dist.active:
+            self.stop_requested = self.dist.any(self.stop_requested)
+        return self.stop_requested
 
     def _boundary(self, run: RunDir, progress: Progress) -> None:
         """What is due after the call that reached this step, in order: the epoch's evaluation,
@@ -470,28 +467,22 @@ class Trainer:
         split = self.data.val
         if split is None:
             return
-        meta = self.data.meta
         with self._evaluating():
-            metrics = evaluate(self.model, split, meta.task, num_classes=meta.num_classes,
-                               batch_size=self.cfg.trainer.eval_batch_size)  # fmt: skip
+            metrics = self._evaluate(split)
         metrics.pop("confusion", None)
         run.log({"event": "eval", "step": self.state.step, "epoch": round(self._epoch_float(), 6), "split": "val", **metrics})
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self._print(f"eval  step {self.state.step:,} | val {shown}")
 
-    def _summary_line(self, s: dict[str, Any]) -> str:
-        word = {"ok": "done", "interrupted": "interrupted", "diverged": "stopped"}[s["status"]]
-        parts = [f"{word}: {s['name']}", f"{s['steps']:,} steps",
-                 f"{s['epochs']:.2f} epochs", f"{s['train_seconds']:.1f}s train"]  # fmt: skip
-        for split in ("val", "test"):
-            m = s["final"].get(split)
-            if m:
-                key = "accuracy" if "accuracy" in m else "loss"
-                value = m[key]
-                parts.append(f"{split} {key} {value:.4f}" if abs(value) < 1e4 else f"{split} {key} {value:.4g}")
-        parts.append(f"-> {s['run_dir']}")
-        return " | ".join(parts)
+    def _evaluate(self, split: Split) -> dict[str, Any]:
+        """Exact metrics over the whole split; under torchrun each rank evaluates its part and the
+        parts' sums are combined (the same figures on every rank)."""
+        meta = self.data.meta
+        return evaluate(self.model, split, meta.task, num_classes=meta.num_classes,
+                        batch_size=self.cfg.trainer.eval_batch_size, part=self.dist.span,
+                        combine=self.dist.gather if self.dist.active else None)  # fmt: skip
 
     def _print(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        if self.dist.main:  # under torchrun, rank 0 speaks for all
+            print(text, file=self.out, flush=True)
 

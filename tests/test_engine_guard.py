@@ -160,7 +160,7 @@ def test_traceable_optimizer_compiles_and_passes_the_check():
 @pytest.mark.slow
 def test_a_step_feature_switched_on_once_changes_every_engine():
     """Eager and compiled run the same step code: a gradient transform in the rule changes both."""
-    half = (lambda grads: [g * 0.5 for g in grads],)
+    half = (lambda grads, loss: ([g * 0.5 for g in grads], loss),)
     order = torch.arange(256)
     results = {}
     for kind in ("eager", "compiled"):

@@ -42,8 +42,8 @@ def run(cfg, *, stop_after_calls=None, resume=None) -> Trainer:
         name = "run_samples" if cfg.trainer.mode == "per_sample" else "run_batch"
         inner = getattr(engine, name)
 
-        def counted(*args):
-            inner(*args)
+        def counted(*args, **kwargs):
+            inner(*args, **kwargs)
             calls[0] += 1
             if calls[0] == stop_after_calls:
                 os.kill(os.getpid(), signal.SIGTERM)

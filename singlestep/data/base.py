@@ -62,12 +62,13 @@ class Split:
         """Everything besides ``tensors()`` that ``gather`` depends on (for compiled-code caches)."""
         return type(self).__name__
 
-    def chunks(self, size: int):
-        """Yield ``(inputs, targets)`` over the whole split in order, ``size`` samples at a time."""
-        n = len(self)
+    def chunks(self, size: int, start: int = 0, stop: int | None = None):
+        """Yield ``(inputs, targets)`` over samples ``[start, stop)`` (the whole split by default)
+        in order, ``size`` samples at a time."""
+        stop = len(self) if stop is None else stop
         device = self.device
-        for start in range(0, n, size):
-            idx = torch.arange(start, min(start + size, n), device=device)
+        for first in range(start, stop, size):
+            idx = torch.arange(first, min(first + size, stop), device=device)
             yield self.get(idx)
 
 
@@ -144,9 +145,11 @@ class TensorSplit(Split):
             x = inputs[idx]
         return self._convert(x, tensors), tensors["targets"][idx]
 
-    def chunks(self, size: int):
-        for start in range(0, len(self), size):  # contiguous rows: slices, no gather
-            yield self._convert(self.inputs[start : start + size]), self.targets[start : start + size]
+    def chunks(self, size: int, start: int = 0, stop: int | None = None):
+        stop = len(self) if stop is None else stop
+        for first in range(start, stop, size):  # contiguous rows: slices, no gather
+            end = min(first + size, stop)
+            yield self._convert(self.inputs[first:end]), self.targets[first:end]
 
     def _convert(self, x: Tensor, tensors: dict[str, Tensor] | None = None) -> Tensor:
         """uint8 rows to normalised floats (other dtypes pass through)."""

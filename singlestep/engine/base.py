@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from singlestep import _compat as compat
 from singlestep.data.base import Split
-from singlestep.engine.step import StepRule
+from singlestep.engine.step import GradTransform, StepRule
 
 __all__ = ["Engine", "StepStats", "advance_schedule", "lr_only", "set_lrs"]
 
@@ -90,6 +90,21 @@ class StepStats:
             getattr(self, name).copy_(state[name])  # in place: compiled chunks hold these tensors
         self.steps = state["steps"]
 
+    def add(self, sums: dict[str, float]) -> None:
+        """Add another process's window (:meth:`sums`): a hogwild worker's steps."""
+        self.loss_sum += sums["loss_sum"]
+        self.norm_sum += sums["norm_sum"]
+        self.norm_max.clamp_(min=sums["norm_max"])
+        self.skipped += sums["skipped"]
+        self.steps += sums["steps"]
+
+    def sums(self) -> dict[str, float]:
+        """The window's sums as host numbers (syncs the device), for :meth:`add` elsewhere."""
+        loss_sum, norm_sum, norm_max, skipped = torch.stack(
+            [self.loss_sum, self.norm_sum, self.norm_max, self.skipped]
+        ).tolist()
+        return {"loss_sum": loss_sum, "norm_sum": norm_sum, "norm_max": norm_max, "skipped": skipped, "steps": self.steps}
+
     def read(self) -> dict[str, float]:
         """Means over the window since the last read, then a new window. This syncs the device."""
         out = self.peek()
@@ -120,7 +135,7 @@ class Engine:
         train: the training split; engines gather batches from it with ``train.get(idx)``.
         clip_grad_norm / clip_grad_value: global-norm and element-wise clipping (None = off).
         check_finite: skip steps with a non-finite loss or grad norm.
-        grad_transforms: functions of the gradient list run first in every step (see ``step.py``).
+        grad_transforms: functions of ``(grads, loss)`` run first in every step (see ``step.py``).
         max_chunk: the most per-sample steps the trainer hands over in one ``run_samples`` call.
     """
 
@@ -132,7 +147,7 @@ class Engine:
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
     check_finite: bool = True
-    grad_transforms: tuple[Callable[[list[Tensor]], list[Tensor]], ...] = ()
+    grad_transforms: tuple[GradTransform, ...] = ()
 
     name: ClassVar[str] = "base"
     max_chunk: int = field(default=256, init=False)
@@ -151,9 +166,21 @@ class Engine:
         """Run ``len(idx)`` per-sample steps, one optimizer step per index, in order."""
         raise NotImplementedError
 
-    def run_batch(self, micro_batches: list[Tensor]) -> None:
-        """Run one optimizer step over the summed gradients of these micro-batches."""
+    def run_samples_at(self, idx: Tensor, rows: list[list[float]] | None) -> None:
+        """``run_samples`` with the schedule already advanced: ``rows[i]`` is step i's lr per group
+        (None: the groups' own); the groups' lrs are left as the schedule left them."""
         raise NotImplementedError
+
+    def run_batch(self, micro_batches: list[Tensor], total: int | None = None) -> None:
+        """Run one optimizer step over the summed gradients of these micro-batches, each weighted
+        by its share of ``total`` samples (default: theirs; under torchrun, the global batch's)."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Move statistics gathered per step into ``stats`` (nothing to move by default)."""
+
+    def close(self) -> None:
+        """Release what the engine holds beyond the run's objects (worker processes)."""
 
     def read(self) -> dict[str, float]:
         """Window statistics since the last read (syncs the device)."""

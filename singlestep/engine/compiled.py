@@ -102,7 +102,13 @@ class CompiledEngine(Engine):
     # ------------------------------------------------------------------ public
 
     def run_samples(self, idx: Tensor) -> None:
+        self.run_samples_at(idx, None)
+
+    def run_samples_at(self, idx: Tensor, rows: list[list[float]] | None) -> None:
+        """``rows``: each step's lr per group, the schedule already advanced (a hogwild worker's
+        share); None: the engine advances the schedule itself, chunk by chunk."""
         n, pos, k = idx.shape[0], 0, self.chunk_size
+        at = (lambda a, b: None) if rows is None else (lambda a, b: rows[a:b])  # noqa: E731
         shape = (k, 1, 1)
         fn = self._compiled(shape) if n >= k else None
         if fn is None and n >= k and shape not in self._fns and self.fallback_reason is None:
@@ -110,14 +116,15 @@ class CompiledEngine(Engine):
             # state that the trace needs); the next ones are timed, for auto; then it compiles.
             if shape not in self._warm:
                 self._warm.add(shape)
-                self._eager_samples(idx[:k])
+                self._eager_samples(idx[:k], at(0, k))
                 pos = k
             if n - pos >= k:
                 # Up to four chunks are timed and the fastest counts: the first chunks after the
                 # warm-up still run 10-40% slower than the steady state, enough to tip auto.
-                parts = [idx[s : s + k] for s in range(pos, pos + min(4, (n - pos) // k) * k, k)]
-                self._timed_eager(shape, k, [functools.partial(self.eager.run_samples, part) for part in parts])
-                pos += len(parts) * k
+                starts = range(pos, pos + min(4, (n - pos) // k) * k, k)
+                self._timed_eager(shape, k, [functools.partial(self._eager_samples, idx[s : s + k], at(s, s + k), count=False)
+                                             for s in starts])  # fmt: skip
+                pos += len(starts) * k
                 fn = self._compiled(shape)
         if fn is not None and n - pos >= k:
             threads = torch.get_num_threads()
@@ -128,16 +135,20 @@ class CompiledEngine(Engine):
                     if shape in self._verified:
                         if not self._python_unchanged():
                             break
-                        self._run(fn, idx[pos : pos + k].view(k, 1, 1))
+                        self._run(fn, idx[pos : pos + k].view(k, 1, 1), at(pos, pos + k))
                     else:
-                        self._verify(shape, fn, idx[pos : pos + k])
+                        self._verify(shape, fn, idx[pos : pos + k], at(pos, pos + k))
                     pos += k
             finally:
                 torch.set_num_threads(threads)
         if pos < n:
-            self._eager_samples(idx[pos:])
+            self._eager_samples(idx[pos:], at(pos, n))
 
-    def run_batch(self, micro_batches: list[Tensor]) -> None:
+    def run_batch(self, micro_batches: list[Tensor], total: int | None = None) -> None:
+        if total is not None and total != sum(int(mb.shape[0]) for mb in micro_batches):
+            self.eager.run_batch(micro_batches, total)  # a slice of a larger batch: never compiled
+            self.steps_done += 1
+            return
         shape = (1, len(micro_batches), int(micro_batches[0].shape[0]))
         full = self.batch_shape is not None and shape[1:] == tuple(self.batch_shape)
         full = full and all(mb.shape[0] == shape[2] for mb in micro_batches)
@@ -160,6 +171,15 @@ class CompiledEngine(Engine):
         else:
             self.eager.run_batch(micro_batches)
             self.steps_done += 1
+
+    def settled(self) -> bool:
+        """Whether per-sample chunks need no more warm-up, timing, building or checking: compiled
+        and checked, declined by ``auto``, or fallen back (hogwild shares the engine from then on)."""
+        shape = (self.chunk_size, 1, 1)
+        return self.fallback_reason is not None or shape in self._verified or (shape in self._fns and self._fns[shape] is None)
+
+    def flush(self) -> None:
+        self.eager.flush()
 
     def read(self) -> dict[str, float]:
         return self.eager.read()  # the same statistics: the eager engine flushes its host sums first
@@ -205,9 +225,13 @@ class CompiledEngine(Engine):
 
     # ------------------------------------------------------------------ eager steps
 
-    def _eager_samples(self, idx: Tensor) -> None:
-        self.eager.run_samples(idx)
-        self.steps_done += len(idx)
+    def _eager_samples(self, idx: Tensor, rows: list[list[float]] | None, count: bool = True) -> None:
+        if rows is None:
+            self.eager.run_samples(idx)
+        else:
+            self.eager.run_samples_at(idx, rows)
+        if count:
+            self.steps_done += len(idx)
 
     def _timed_eager(self, shape: Shape, steps: int, runs: list[Callable[[], None]]) -> None:
         """Run each of ``runs`` (``steps`` steps each) eagerly and remember the fastest time per
@@ -225,7 +249,7 @@ class CompiledEngine(Engine):
 
     # ------------------------------------------------------------------ the first chunk's check
 
-    def _verify(self, shape: Shape, fn: Any, samples: Tensor | list[Tensor]) -> None:
+    def _verify(self, shape: Shape, fn: Any, samples: Tensor | list[Tensor], rows: list[list[float]] | None = None) -> None:
         """Run a shape's first compiled chunk, then the same steps eagerly from the same state, and
         keep the eager result. Unless parameters, optimizer state and the Python values the step
         changes all agree, fall back to eager for good, with a warning that names the difference.
@@ -235,7 +259,7 @@ class CompiledEngine(Engine):
         """
         k = shape[0]
         opt, stats = self.optimizer, self.stats
-        lr_rows = advance_schedule(self.scheduler, opt, k)
+        lr_rows = rows if rows is not None else advance_schedule(self.scheduler, opt, k)
         keys = _trace.state_keys(opt, self.params)
         self.eager.flush()
         flat = _trace.flat_tensors(opt, self.params, keys)
@@ -251,7 +275,7 @@ class CompiledEngine(Engine):
             torch._foreach_copy_(sums, sums_before)
         _trace.restore_python_state(opt, python_before)
         if isinstance(samples, Tensor):
-            self.eager.run_samples_at(samples, lr_rows if self.scheduler is not None else None)
+            self.eager.run_samples_at(samples, lr_rows if self.scheduler is not None or rows is not None else None)
         else:
             self.eager.run_batch_at(samples, lr_rows[0])
         self.steps_done += k
@@ -368,10 +392,12 @@ class CompiledEngine(Engine):
 
     # ------------------------------------------------------------------ run
 
-    def _run(self, fn: Any, idx: Tensor) -> None:
-        """Run one compiled chunk over ``idx [K, A, B]``: K optimizer steps."""
+    def _run(self, fn: Any, idx: Tensor, rows: list[list[float]] | None = None) -> None:
+        """Run one compiled chunk over ``idx [K, A, B]``: K optimizer steps (``rows``: their lrs,
+        the schedule already advanced; None: advance it here)."""
         k = idx.shape[0]
-        lrs = torch.tensor(advance_schedule(self.scheduler, self.optimizer, k), dtype=torch.float32, device=self.train.device)
+        rows = rows if rows is not None else advance_schedule(self.scheduler, self.optimizer, k)
+        lrs = torch.tensor(rows, dtype=torch.float32, device=self.train.device)
         with torch.no_grad():
             fn(idx, lrs)
         self.stats.steps += k

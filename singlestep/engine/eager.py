@@ -178,21 +178,24 @@ class EagerEngine(Engine):
             set_lrs(groups, final)
         self.flush()
 
-    def run_batch(self, micro_batches: list[Tensor]) -> None:
-        self.run_batch_at(micro_batches, None)
+    def run_batch(self, micro_batches: list[Tensor], total: int | None = None) -> None:
+        self.run_batch_at(micro_batches, None, total)
         if self.scheduler is not None:
             advance_schedule(self.scheduler, self.optimizer, 1)
 
-    def run_batch_at(self, micro_batches: list[Tensor], lrs: list[float] | None) -> None:
+    def run_batch_at(self, micro_batches: list[Tensor], lrs: list[float] | None, total: int | None = None) -> None:
         """One mini-batch step without advancing the schedule; ``lrs``: the step's lr per group
-        (None: the groups' own), the groups' lrs restored after it."""
+        (None: the groups' own), the groups' lrs restored after it; ``total``: see ``run_batch``."""
         groups = self.optimizer.param_groups
         if lrs is not None:
             final = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
             set_lrs(groups, lrs)
-        total = sum(int(mb.shape[0]) for mb in micro_batches)
+        total = total or sum(int(mb.shape[0]) for mb in micro_batches)
         grads: list[Tensor] | None = None
         loss_total = None
+        if not micro_batches:  # a torchrun rank with no share of a short last batch: adds nothing
+            grads = [torch.zeros_like(p) for p in self.used_params()]
+            loss_total = torch.zeros((), device=self.train.device)
         for mb in micro_batches:
             x, y = self.train.get(mb)
             # Weight each micro-batch by its share so the step sees the mean over all samples.

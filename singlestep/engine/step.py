@@ -5,8 +5,9 @@ traces the very same function into its graph. What differs between them is only 
 executes, which the engine's :class:`StepOps` says (host arithmetic on the CPU, tensor maths on a
 device, functional maths under tracing). The contract, in its order:
 
-1. ``rule.grad_transforms``: functions of the gradient list, before anything reads them (where a
-   gradient all-reduce or an fp16 unscale goes).
+1. ``rule.grad_transforms``: functions of the gradients and the loss, ``(grads, loss) -> (grads,
+   loss)``, before anything reads them: the all-reduce across processes under torchrun
+   (``distributed.py``) is one; an fp16 unscale would be another.
 2. The pre-clip global L2 norm of all gradients (what is logged).
 3. The finite check: a step whose loss or norm is not finite never reaches the optimizer, and is
    counted as skipped. The schedule still advances (it counts steps taken or skipped).
@@ -27,9 +28,9 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["StepOps", "StepRule", "global_norm", "take_step"]
+__all__ = ["GradTransform", "StepOps", "StepRule", "global_norm", "take_step"]
 
-GradTransform = Callable[[list[Tensor]], list[Tensor]]
+GradTransform = Callable[[list[Tensor], Tensor], tuple[list[Tensor], Tensor]]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class StepRule:
         clip_grad_norm: global-norm clipping threshold (None = off).
         clip_grad_value: element-wise clipping threshold (None = off).
         check_finite: skip steps with a non-finite loss or gradient norm.
-        grad_transforms: applied in order to the gradients before the norm and the check.
+        grad_transforms: applied in order to ``(grads, loss)`` before the norm and the check.
     """
 
     clip_grad_norm: float | None = None
@@ -70,7 +71,7 @@ class StepOps(Protocol):
 def take_step(rule: StepRule, ops: StepOps, grads: list[Tensor], loss: Tensor) -> None:
     """One optimizer step from ``grads`` (one per parameter that has one) and the step's ``loss``."""
     for transform in rule.grad_transforms:
-        grads = transform(grads)
+        grads, loss = transform(grads, loss)
     norm = ops.norm(grads)  # pre-clip, as logged
     ok = ops.finite(loss, norm) if rule.check_finite else True
     ops.record(loss, norm, ok)
