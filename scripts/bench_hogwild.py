@@ -30,7 +30,7 @@ CONFIG = ROOT / "configs" / "fashion_mnist_linear_per_sample.yaml"
 def run(engine: str, workers: int, epochs: int, out: Path) -> dict:
     """One CLI run; its figures."""
     run_dir = out / f"{engine}-{workers}-{time.monotonic_ns()}"
-    extra = [f"trainer.parallel=hogwild", f"trainer.workers={workers}"] if workers > 1 else []
+    extra = ["trainer.parallel=hogwild", f"trainer.workers={workers}"] if workers > 1 else []
     cmd = [sys.executable, "-m", "singlestep.train", "--config", str(CONFIG), f"trainer.engine={engine}",
            f"trainer.epochs={epochs}", f"output.run_dir={run_dir}", "output.curves=false", "trainer.progress=false", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

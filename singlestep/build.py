@@ -88,6 +88,8 @@ def build(cfg: Config, device: torch.device, *, engine: str, log: Callable[[str]
 def _check_fit(cfg: Config, data: DataBundle, model: nn.Module, loss_fn: Callable) -> None:
     """Run one sample through model and loss, so a mismatch is a config error, not a mid-run crash."""
     x, y = data.train.get(torch.zeros(1, dtype=torch.long, device=data.train.device))
+    was_training = model.training
+    model.eval()  # one sample: BatchNorm refuses it in training mode
     try:
         with torch.no_grad():
             loss_fn(model(x), y)
@@ -96,3 +98,5 @@ def _check_fit(cfg: Config, data: DataBundle, model: nn.Module, loss_fn: Callabl
             f"model '{cfg.model.name}' does not fit data '{cfg.data.name}' "
             f"(input {tuple(x.shape[1:])}, task {data.meta.task}): {first_line(exc)}"
         ) from None
+    finally:
+        model.train(was_training)

@@ -66,6 +66,20 @@ class Dist:
         """This rank's ``[start, stop)`` of ``n`` items (an evaluation split's samples)."""
         return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
 
+    def seed(self, seed: int) -> None:
+        """Seed the global RNG for training: every rank built the same model from ``seed``, but
+        each draws its own dropout masks for its own slice (rank 0 keeps ``seed``)."""
+        if self.active:
+            torch.manual_seed((seed + self.rank) % 2**64)
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank, as torch's
+        DistributedDataParallel does: each rank normalises its own slice, so they drift apart.
+        Called before an evaluation and a checkpoint, which then see one model."""
+        if self.active:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
     def grad_transforms(self) -> tuple[GradTransform, ...]:
         """The step's first stage under torchrun: gradients and loss summed over the ranks."""
         return (_sum_across_ranks,) if self.active else ()
@@ -139,6 +153,9 @@ def check(cfg: Config, world_size: int) -> list[str]:
     elif t.batch_size % world_size:
         problems.append(f"trainer.batch_size ({t.batch_size}) is the global batch: it must divide by the "
                         f"{world_size} processes torchrun started (each takes batch_size / {world_size})")  # fmt: skip
+    if cfg.device.startswith("cuda:"):
+        problems.append(f"device: {cfg.device} under torchrun: each process takes the GPU of its LOCAL_RANK; "
+                        "write device: cuda (or auto), and choose GPUs with CUDA_VISIBLE_DEVICES")  # fmt: skip
     if t.parallel != "none":
         problems.append(f"trainer.parallel: {t.parallel} runs worker processes on one machine; it does not "
                         "combine with torchrun (start it with python -m singlestep.train)")  # fmt: skip

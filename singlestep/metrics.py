@@ -223,8 +223,8 @@ def evaluate(
             x, y = split.get(starts[i : min(i + batch_size, hi)])
             acc.update(model(x), y)
     else:
-        lo, hi = part(len(split)) if part else (0, len(split))
-        for x, y in split.chunks(batch_size, lo, hi):
+        chunks = split.chunks(batch_size, *part(len(split))) if part else split.chunks(batch_size)
+        for x, y in chunks:
             acc.update(model(x), y)
     model.train(was_training)
     if combine is not None:

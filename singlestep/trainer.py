@@ -79,8 +79,9 @@ class Trainer:
         self.model, self.loss_fn, self.optimizer, self.scheduler = built.model, built.loss_fn, built.optimizer, built.scheduler
         self.decay_counts, self.steps_per_epoch, self.total_steps = built.decay_counts, built.steps_per_epoch, built.total_steps
         self.engine = built.engine
+        self.dist.seed(cfg.seed)
         if t.parallel == "hogwild":
-            self.engine = HogwildEngine.around(built.engine, t.workers, log=self._print)
+            self.engine = HogwildEngine.around(built.engine, t.workers, t.chunk_size, log=self._print)
         self.state = LoopState(seed=cfg.seed)
         # Counters that span the whole run (and a resume): a checkpoint carries them.
         self.samples_seen = 0
@@ -98,6 +99,7 @@ class Trainer:
         """Everything a checkpoint holds (see ``checkpoint.py``); taken between engine calls. Under
         torchrun every rank calls it (each rank's RNG states are gathered); rank 0 saves it."""
         rngs = self.dist.gather(checkpoint.rng_state())
+        self.dist.sync_buffers(self.model)
         return {
             "format": checkpoint.FORMAT,
             "versions": checkpoint.versions(),
@@ -478,6 +480,7 @@ class Trainer:
         """Exact metrics over the whole split; under torchrun each rank evaluates its part and the
         parts' sums are combined (the same figures on every rank)."""
         meta = self.data.meta
+        self.dist.sync_buffers(self.model)
         return evaluate(self.model, split, meta.task, num_classes=meta.num_classes,
                         batch_size=self.cfg.trainer.eval_batch_size, part=self.dist.span,
                         combine=self.dist.gather if self.dist.active else None)  # fmt: skip

@@ -184,3 +184,59 @@ def test_evaluation_in_parts_combined_equals_one_pass(task, parts):
             assert combined[key] == value
         else:  # the chunks' float32 losses are summed over other boundaries; the rest is exact
             assert combined[key] == pytest.approx(value, rel=1e-6 if key in ("loss", "mse", "perplexity", "bits_per_char", "mae") else 1e-9), key
+
+
+def bn_dropout_net(meta):
+    """A model with BatchNorm and dropout: what makes ranks differ unless the trainer handles it."""
+    width = 16
+    return torch.nn.Sequential(torch.nn.Linear(meta.input_shape[0], width), torch.nn.BatchNorm1d(width),
+                               torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(width, meta.out_features))  # fmt: skip
+
+
+def _rank(rank: int, store: str, cfg: dict, results) -> None:
+    import torch.distributed as dist
+
+    from singlestep.config import validate
+    from singlestep.distributed import Dist
+    from singlestep.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        trainer = Trainer(validate(cfg, "test.yaml"), out=open(os.devnull, "w"), dist=Dist(rank, 2, rank))
+        draw = torch.rand(4)  # the training RNG, after set-up
+        trainer.fit()
+        # numpy: a tensor sent through a queue is a shared-memory handle that dies with this process
+        results.put((rank, draw.numpy(), {k: v.numpy().copy() for k, v in trainer.model.state_dict().items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_draw_their_own_dropout_and_share_rank_0_s_batchnorm_statistics(tmp_path):
+    """Forked ranks (gloo over a file store) of a BatchNorm + dropout model: the same initial
+    weights and always the same parameters, different dropout masks, and after the run one set of
+    running statistics (rank 0's), which model.pt holds."""
+    import multiprocessing
+
+    cfg = base_config(model={"name": "tests.test_distributed.bn_dropout_net"})
+    cfg["trainer"] = {"mode": "minibatch", "batch_size": 16, "epochs": 2, "log_every": 2, "progress": False, "engine": "eager"}
+    cfg["output"] = {"run_dir": str(tmp_path / "run"), "curves": False}
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [context.Process(target=_rank, args=(r, str(tmp_path / "store"), cfg, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    got = {}
+    for _ in ranks:
+        rank, draw, state = results.get(timeout=120)
+        got[rank] = torch.from_numpy(draw), {k: torch.from_numpy(v) for k, v in state.items()}
+    for p in ranks:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    (draw0, state0), (draw1, state1) = got[0], got[1]
+    assert not torch.equal(draw0, draw1)  # each rank its own masks
+    assert state0.keys() == state1.keys() and any("running_mean" in k for k in state0)
+    for key in state0:
+        assert torch.equal(state0[key], state1[key]), key  # parameters by the all-reduce, buffers by the broadcast
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], state0[k]) for k in state0)

@@ -193,9 +193,12 @@ class EagerEngine(Engine):
         total = total or sum(int(mb.shape[0]) for mb in micro_batches)
         grads: list[Tensor] | None = None
         loss_total = None
-        if not micro_batches:  # a torchrun rank with no share of a short last batch: adds nothing
-            grads = [torch.zeros_like(p) for p in self.used_params()]
-            loss_total = torch.zeros((), device=self.train.device)
+        if not micro_batches:
+            # A torchrun rank with no share of a short last step adds nothing, but its gradient
+            # list (which parameters, which dtypes) must be the other ranks': one sample, weight 0.
+            x, y = self.train.get(torch.zeros(1, dtype=torch.long, device=self.train.device))
+            loss = self.loss_fn(self.model(x), y) * 0.0
+            grads, loss_total = list(self._grads(loss)), loss.detach()
         for mb in micro_batches:
             x, y = self.train.get(mb)
             # Weight each micro-batch by its share so the step sees the mean over all samples.

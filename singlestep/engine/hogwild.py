@@ -1,6 +1,5 @@
 """Hogwild: per-sample steps in several processes on one machine that share the parameters and
-the optimizer's state and update them without locks, after Niu et al. 2011 and PyTorch's
-mnist_hogwild example.
+update them without locks, after Niu et al. 2011 and PyTorch's mnist_hogwild example.
 
 The trainer's loop does not change: each call of :meth:`HogwildEngine.run_samples` (the steps up
 to the next log, evaluation or checkpoint) is dealt out to the processes in blocks of
@@ -9,16 +8,20 @@ engine (eager or compiled) with the lrs those steps have in the schedule, and th
 when all are done. Logs, evaluations and checkpoints happen in this process, between calls.
 
 How the shared tensors are written (the same for every engine):
-- Parameters, floating-point buffers and the optimizer's state tensors have one shared copy (in
-  shared memory, made before the workers are forked); each process trains its own copy.
+- Parameters and floating-point buffers have one shared copy (in shared memory, made before the
+  workers are forked); each process trains its own copy.
 - For each block a process copies the shared tensors into its own, runs the block's steps, then
-  *adds* what they changed to the shared tensors, without a lock. So each process's updates land
-  every block, never overwrite another's, and its steps see the others' updates up to one block
-  late. Updating the shared weights on every step instead makes the cores pass the weights'
-  cache lines back and forth on every step (docs/performance.md measures the difference).
-- The first steps run in this process alone: they create the optimizer's lazy state (which must
-  exist to be shared) and, for the compiled engine, build and check the compiled chunk.
-- Python values (param_groups, a step count kept as an int) are each process's own.
+  *adds* what they changed to the shared tensors, without a lock: its updates land every block,
+  are added to the others' rather than written over them (two additions at the same instant can
+  lose one), and its steps see the others' updates up to one block late. The compiled chunk runs
+  K steps in one native call and cannot write the shared weights step by step; blocks make the
+  eager engine run the same algorithm.
+- The optimizer's state (momentum, Adam's moments, Adagrad's sums, step counts) is each process's
+  own, as in PyTorch's mnist_hogwild: a block's change to a decaying average cannot be added to
+  a shared one (each process would subtract the decay once: RMSprop went NaN, Adam with 4
+  processes reached a loss of 1e11). The trainer's process's state is the one checkpointed.
+- The first steps run in this process alone: they create the optimizer's lazy state, which the
+  workers then start from, and, for the compiled engine, build and check the compiled chunk.
 
 Not deterministic: the order in which the processes' updates land changes from run to run.
 """
@@ -50,18 +53,21 @@ class HogwildEngine:
         inner: the engine each process runs its steps through (this process's own copy is the
             one the trainer reads statistics and checkpoints from).
         workers: processes in all, this one included; each runs on one intra-op thread.
+        block: steps a process runs between taking the shared parameters and adding its change
+            (``trainer.chunk_size``: one compiled chunk).
     """
 
     name = "hogwild"
 
-    def __init__(self, inner: Engine, workers: int):
+    def __init__(self, inner: Engine, workers: int, block: int = 64):
         self.inner = inner
         self.workers = workers
         self.stats = inner.stats
-        self.max_chunk = 1 << 62  # a call runs to the next log / eval / checkpoint step
-        self.block = getattr(inner, "chunk_size", 64)
+        # Up to 4096 steps per process per call: a stop request waits for one call at most.
+        self.max_chunk = 4096 * workers
+        self.block = block
+        self._warm_steps = 0
         self._compiled = isinstance(inner, CompiledEngine)
-        self._stepped = False
         self._children: list[tuple[Any, Any]] = []
         self._shared: _Shared | None = None
         # One intra-op thread per process: the workers are the parallelism.
@@ -70,18 +76,20 @@ class HogwildEngine:
         (inner.eager if self._compiled else inner).eager_threads = 1
 
     @classmethod
-    def around(cls, inner: Engine, workers: int | None, log: Callable[[str], None]) -> "HogwildEngine":
+    def around(cls, inner: Engine, workers: int | None, block: int, log: Callable[[str], None]) -> "HogwildEngine":
         """Wrap ``inner`` for ``trainer.parallel: hogwild`` (``workers`` None: one per CPU core)."""
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise ConfigError("trainer.parallel: hogwild forks its workers, which this platform cannot do (Linux and macOS can)")
         if inner.train.device.type != "cpu":
             raise ConfigError(f"trainer.parallel: hogwild runs on the CPU (its workers share memory), this run "
                               f"trains on {inner.train.device}; on GPUs use torchrun with trainer.mode: minibatch")  # fmt: skip
         if inner.scheduler is not None and not lr_only(inner.scheduler):
             raise ConfigError(f"trainer.parallel: hogwild needs a schedule that changes only the lr (every built-in "
                               f"one does); {type(inner.scheduler).__name__} may change more, which workers cannot share")  # fmt: skip
-        workers = workers or len(os.sched_getaffinity(0))
-        log(f"hogwild: {workers} processes, one thread each, share the parameters and optimizer state; "
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        log(f"hogwild: {workers} process{'es' if workers > 1 else ''}, one thread each, sharing the parameters; "
             "the result is not deterministic")  # fmt: skip
-        return cls(inner, workers)
+        return cls(inner, workers, block)
 
     @property
     def label(self) -> str:
@@ -93,18 +101,21 @@ class HogwildEngine:
         inner = self.inner
         rows = advance_schedule(inner.scheduler, inner.optimizer, len(idx)) if inner.scheduler is not None else None
         pos, n = 0, len(idx)
-        while pos < n and not self._ready():  # this process alone, until there is state to share
-            k = min(self.block, n - pos)
+        while pos < n and not self._ready():  # this process alone, until the workers can start from it
+            k = min(6 * self.block, n - pos)  # enough for a compiled shape's warm-up, timing and check
             inner.run_samples_at(idx[pos : pos + k], rows[pos : pos + k] if rows else None)
-            self._stepped = True
+            self._warm_steps += k
             pos += k
         if pos < n:
             self._parallel(idx[pos:], rows[pos:] if rows else None)
 
     def _ready(self) -> bool:
         """Whether the optimizer's lazy state exists and the compiled chunk is built and checked
-        (or declined): what every worker then shares, instead of each building its own."""
-        return self._stepped and (not self._compiled or self.inner.settled())
+        (or declined): what every worker then starts from, instead of each building its own. Calls
+        shorter than a chunk never compile (as in one process): then a few blocks are enough."""
+        if not self._warm_steps:
+            return False
+        return not self._compiled or self.inner.settled() or self._warm_steps >= 12 * self.block
 
     def _parallel(self, idx: Tensor, rows: list[list[float]] | None) -> None:
         """Deal ``idx`` out in blocks of ``block`` steps (block b to process b mod workers), run
@@ -141,7 +152,7 @@ class HogwildEngine:
             self._shared.pull()  # this process's model: everyone's updates, to evaluate and checkpoint
 
     def _start(self) -> None:
-        """Make the shared copy of parameters, buffers and optimizer state, then fork the workers."""
+        """Make the shared copy of parameters and buffers, then fork the workers."""
         self._shared = _Shared(self.inner)
         context = multiprocessing.get_context("fork")  # the workers inherit the built engine
         for w in range(1, self.workers):
@@ -170,27 +181,28 @@ class HogwildEngine:
         self.inner.load_state_dict(state)
 
     def close(self) -> None:
-        """Stop the workers (each finishes the share it is running first)."""
+        """Stop the workers: idle ones end at once; one still running a share (after a second
+        Ctrl-C or an error) is killed after a second."""
         for process, conn in self._children:
             try:
                 conn.send(None)
             except OSError:  # it died already
                 pass
         for process, conn in self._children:
-            process.join(timeout=10)
+            process.join(timeout=1)
             if process.is_alive():
-                process.terminate()
+                process.kill()  # it ignores SIGINT and SIGTERM (the trainer's process decides)
+                process.join()
             conn.close()
         self._children = []
 
 
 class _Shared:
-    """The tensors the processes share: one shared copy of each, and this process's own."""
+    """The tensors the processes share (parameters, floating-point buffers): one shared copy of
+    each, and this process's own."""
 
     def __init__(self, engine: Engine):
         own = [*engine.params, *(b for b in engine.model.buffers() if b.is_floating_point())]
-        for p in engine.params:
-            own += [v for _, v in sorted(engine.optimizer.state.get(p, {}).items()) if isinstance(v, Tensor) and v.dtype != torch.bool]
         self.own = [t.detach() for t in own]
         self.shared = [t.clone().share_memory_() for t in self.own]
         self.start: list[Tensor] = []
@@ -245,6 +257,16 @@ def _work(engine: Engine, shared: _Shared, block: int, conn: Any) -> None:
             sums = engine.stats.sums()
             engine.stats.reset()
         except Exception as exc:  # noqa: BLE001 - reported to the trainer's process, which raises it
-            conn.send(("error", isinstance(exc, UserError), str(exc) if isinstance(exc, UserError) else traceback.format_exc()))
+            _reply(conn, ("error", isinstance(exc, UserError), str(exc) if isinstance(exc, UserError) else traceback.format_exc()))
             return
-        conn.send(("ok", sums))
+        if not _reply(conn, ("ok", sums)):
+            return
+
+
+def _reply(conn: Any, message: Any) -> bool:
+    """Send to the trainer's process; False when it is gone (the worker then ends quietly)."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError included
+        return False
+    return True
