@@ -47,10 +47,10 @@ def run(engine: str, workers: int, epochs: int, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2, help="hogwild processes to compare with one (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed runs of each configuration, alternated")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hogwild-") as tmp:
         out = Path(tmp)

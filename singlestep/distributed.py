@@ -143,6 +143,9 @@ def check(cfg: Config, world_size: int) -> list[str]:
     """What a config cannot do under torchrun with ``world_size`` processes (empty when it can)."""
     t = cfg.trainer
     problems = []
+    if t.parallel != "none":
+        return [f"trainer.parallel: {t.parallel} runs worker processes on one machine; it does not "
+                "combine with torchrun (start it with python -m singlestep.train)"]  # fmt: skip
     if t.mode == "per_sample":
         problems.append(
             f"trainer.mode: per_sample under torchrun is ambiguous: one sample per process per step is a batch "
@@ -156,17 +159,28 @@ def check(cfg: Config, world_size: int) -> list[str]:
     if cfg.device.startswith("cuda:"):
         problems.append(f"device: {cfg.device} under torchrun: each process takes the GPU of its LOCAL_RANK; "
                         "write device: cuda (or auto), and choose GPUs with CUDA_VISIBLE_DEVICES")  # fmt: skip
-    if t.parallel != "none":
-        problems.append(f"trainer.parallel: {t.parallel} runs worker processes on one machine; it does not "
-                        "combine with torchrun (start it with python -m singlestep.train)")  # fmt: skip
     return problems
 
 
+def world_mismatch(saved: int, now: int) -> str | None:
+    """Why a checkpoint written by ``saved`` processes cannot resume with ``now`` (None: it can)."""
+    if saved == now:
+        return None
+    launch = f"torchrun --nproc_per_node={saved} (in all)" if saved > 1 else "python -m singlestep.train (no torchrun)"
+    return (f"the checkpoint was written by {saved} process(es), this run has {now}: each process's slice of "
+            f"a batch would change; resume it with {launch}")  # fmt: skip
+
+
 @contextlib.contextmanager
-def session(cfg: Config) -> Iterator[Dist]:
+def session(cfg: Config, resumed_world: int | None = None) -> Iterator[Dist]:
     """The process group for a run launched by torchrun (gloo on the CPU, NCCL on GPUs), torn
-    down after it; ``SINGLE`` and nothing to set up otherwise."""
+    down after it; ``SINGLE`` and nothing to set up otherwise. ``resumed_world``: the world size
+    of the checkpoint a resume starts from (another is refused first)."""
     where = launched()
+    world = where[1] if where else 1
+    mismatch = world_mismatch(resumed_world, world) if resumed_world is not None else None
+    if mismatch:
+        raise UserError(mismatch)
     if where is None:
         yield SINGLE
         return

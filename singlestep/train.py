@@ -88,7 +88,7 @@ def _main(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     from singlestep.distributed import session
     from singlestep.trainer import Trainer
 
-    with session(cfg) as dist:  # under torchrun: the process group (gloo / NCCL); else nothing
+    with session(cfg, resume.state.get("world_size", 1) if resume else None) as dist:  # under torchrun: the process group (gloo / NCCL); else nothing
         summary = Trainer(cfg, resume=resume, dist=dist).fit()
     return {"ok": 0, "interrupted": cli.EXIT_INTERRUPTED, "diverged": cli.EXIT_STOPPED}[summary["status"]]
 

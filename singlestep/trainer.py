@@ -25,7 +25,7 @@ from singlestep.checkpoint import Resume
 from singlestep.config import Config, config_to_dict
 from singlestep.data.base import DataBundle, Split
 from singlestep.device import resolve_device
-from singlestep.distributed import SINGLE, Dist
+from singlestep.distributed import SINGLE, Dist, world_mismatch
 from singlestep.engine.hogwild import HogwildEngine
 from singlestep.errors import ConfigError, UserError, first_line
 from singlestep.health import window_problem
@@ -74,6 +74,7 @@ class Trainer:
             self._print(f"engine {engine} runs eagerly under torchrun: the all-reduce between processes is a "
                         "collective inside the step, which a compiled chunk does not hold (docs/distributed.md)")  # fmt: skip
             engine = "eager"
+        self.engine_kind = engine  # the start line's
         built = build(cfg, self.device, engine=engine, log=self._print, grad_transforms=self.dist.grad_transforms())
         self.data: DataBundle = built.data
         self.model, self.loss_fn, self.optimizer, self.scheduler = built.model, built.loss_fn, built.optimizer, built.scheduler
@@ -129,11 +130,9 @@ class Trainer:
         """Continue from a checkpoint: parameters, optimizer and schedule, loop position, RNGs,
         and the engine's choices, so that the steps ahead give the numbers they would have."""
         loop = state["loop"]
-        world = state.get("world_size", 1)
-        if world != self.dist.world_size:
-            launch = f"torchrun --nproc_per_node={world} (in all)" if world > 1 else "python -m singlestep.train (no torchrun)"
-            raise UserError(f"the checkpoint was written by {world} process(es), this run has {self.dist.world_size}: "
-                            f"each process's slice of a batch would change; resume it with {launch}")  # fmt: skip
+        mismatch = world_mismatch(state.get("world_size", 1), self.dist.world_size)
+        if mismatch:
+            raise UserError(mismatch)
         if loop["order"] is not None and len(loop["order"]) != len(self.data.train):
             raise UserError(f"the checkpoint's epoch order covers {len(loop['order']):,} training samples, the data now "
                             f"has {len(self.data.train):,}: the dataset's files changed since; start a new run")  # fmt: skip
@@ -264,7 +263,7 @@ class Trainer:
             f"run {self.run_dir} | model {cfg.model.name} ({n_params:,} params) | data {cfg.data.name} "
             f"({len(self.data.train):,} train) | optimizer {cfg.optimizer.name}: {self.decay_counts['decay']} tensors "
             f"decay, {self.decay_counts['no_decay']} do not | {t.mode}, {self.total_steps:,} steps, "
-            f"engine {t.engine}, device {self.device}{resumed}"
+            f"engine {self.engine_kind}, device {self.device}{resumed}"
         )
         # Schedule-free optimizers start in eval mode and refuse to step in it.
         self._optimizer_mode("train")
@@ -322,6 +321,7 @@ class Trainer:
             "checkpoint": self._checkpoint_name(),
             "engine": self.engine.label,
             "device": str(self.device),
+            "world_size": self.dist.world_size,
             "allocator": malloc.in_use(),
             "torch_version": torch.__version__,
             "decay_tensors": self.decay_counts,

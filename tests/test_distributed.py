@@ -80,7 +80,7 @@ def _assert_same_run(ddp: Path, single: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process_and_resume(tmp_path):
+def test_torchrun_two_processes_match_one_process_and_resume(tmp_path, monkeypatch):
     """2 gloo processes, global batch 32: the parameters of one process with batch 32 over the same
     order (rtol 1e-5), one run folder (rank 0's); then a resume under torchrun trains on to the end."""
     config = _config(tmp_path)
@@ -105,6 +105,10 @@ def test_torchrun_two_processes_match_one_process_and_resume(tmp_path):
     done = run_main("--resume", str(run_dir), "trainer.epochs=3")
     assert done.returncode == 2
     assert "written by 2 process(es), this run has 1" in done.stderr and "torchrun --nproc_per_node=2" in done.stderr
+    _launched(monkeypatch, world=3)  # said before the global batch's (32 does not divide by 3)
+    done = run_main("--resume", str(run_dir), "trainer.epochs=3")
+    assert done.returncode == 2 and "written by 2 process(es), this run has 3" in done.stderr, done.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -136,6 +140,15 @@ def test_per_sample_steps_under_torchrun_are_refused(tmp_path, write_config, mon
     assert done.returncode == 2
     assert "per_sample under torchrun is ambiguous" in done.stderr and "batch of 2" in done.stderr
     assert "trainer.mode=minibatch" in done.stderr and "trainer.parallel=hogwild" in done.stderr
+
+
+def test_hogwild_under_torchrun_is_refused_with_one_message(write_config, monkeypatch):
+    _launched(monkeypatch)
+    cfg = base_config()
+    cfg["trainer"].update(parallel="hogwild", workers=2)
+    done = run_main("--config", str(write_config(cfg)))
+    assert done.returncode == 2 and "does not combine with torchrun" in done.stderr
+    assert "per_sample under torchrun" not in done.stderr  # which would suggest hogwild
 
 
 def test_a_global_batch_that_does_not_divide_by_the_world_is_refused(tmp_path, write_config, monkeypatch):

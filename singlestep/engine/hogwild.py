@@ -86,9 +86,14 @@ class HogwildEngine:
         if inner.scheduler is not None and not lr_only(inner.scheduler):
             raise ConfigError(f"trainer.parallel: hogwild needs a schedule that changes only the lr (every built-in "
                               f"one does); {type(inner.scheduler).__name__} may change more, which workers cannot share")  # fmt: skip
-        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        log(f"hogwild: {workers} process{'es' if workers > 1 else ''}, one thread each, sharing the parameters; "
-            "the result is not deterministic")  # fmt: skip
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = workers or cores
+        if workers == 1:
+            log("hogwild with 1 process: the steps run as in a plain run")
+        else:
+            log(f"hogwild: {workers} processes, one thread each, sharing the parameters; the result is not deterministic")
+        if workers > cores:
+            log(f"warning: {workers} hogwild processes on {cores} CPU cores take turns on them: slower than {cores}")
         return cls(inner, workers, block)
 
     @property
