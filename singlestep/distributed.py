@@ -68,8 +68,9 @@ class Dist:
 
     def seed(self, seed: int) -> None:
         """Seed the global RNG for training: every rank built the same model from ``seed``, but
-        each draws its own dropout masks for its own slice (rank 0 keeps ``seed``)."""
-        if self.active:
+        each draws its own dropout masks for its own slice. Rank 0 goes on with the stream one
+        process would; rank r > 0 restarts from ``seed + r``."""
+        if self.active and self.rank > 0:
             torch.manual_seed((seed + self.rank) % 2**64)
 
     def sync_buffers(self, module: torch.nn.Module) -> None:

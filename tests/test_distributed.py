@@ -207,6 +207,8 @@ def bn_dropout_net(meta):
 
 
 def _rank(rank: int, store: str, cfg: dict, results) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from singlestep.config import validate
@@ -214,7 +216,7 @@ def _rank(rank: int, store: str, cfg: dict, results) -> None:
     from singlestep.trainer import Trainer
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         trainer = Trainer(validate(cfg, "test.yaml"), out=open(os.devnull, "w"), dist=Dist(rank, 2, rank))
         draw = torch.rand(4)  # the training RNG, after set-up
@@ -225,27 +227,40 @@ def _rank(rank: int, store: str, cfg: dict, results) -> None:
         dist.destroy_process_group()
 
 
-def test_ranks_draw_their_own_dropout_and_share_rank_0_s_batchnorm_statistics(tmp_path):
-    """Forked ranks (gloo over a file store) of a BatchNorm + dropout model: the same initial
-    weights and always the same parameters, different dropout masks, and after the run one set of
-    running statistics (rank 0's), which model.pt holds."""
+def _two_ranks(tmp_path: Path, cfg: dict) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Train ``cfg`` as two forked gloo ranks (a file store): each rank's first training draw and
+    final state."""
     import multiprocessing
 
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    store = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
+    ranks = [context.Process(target=_rank, args=(r, str(store), cfg, results), daemon=True) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        got = {}
+        for _ in ranks:
+            rank, draw, state = results.get(timeout=120)
+            got[rank] = torch.from_numpy(draw), {k: torch.from_numpy(v) for k, v in state.items()}
+        for p in ranks:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+def test_ranks_draw_their_own_dropout_and_share_rank_0_s_batchnorm_statistics(tmp_path):
+    """Forked ranks of a BatchNorm + dropout model: the same initial weights and always the same
+    parameters, different dropout masks, and after the run one set of running statistics (rank
+    0's), which model.pt holds."""
     cfg = base_config(model={"name": "tests.test_distributed.bn_dropout_net"})
     cfg["trainer"] = {"mode": "minibatch", "batch_size": 16, "epochs": 2, "log_every": 2, "progress": False, "engine": "eager"}
     cfg["output"] = {"run_dir": str(tmp_path / "run"), "curves": False}
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    ranks = [context.Process(target=_rank, args=(r, str(tmp_path / "store"), cfg, results)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    got = {}
-    for _ in ranks:
-        rank, draw, state = results.get(timeout=120)
-        got[rank] = torch.from_numpy(draw), {k: torch.from_numpy(v) for k, v in state.items()}
-    for p in ranks:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    got = _two_ranks(tmp_path, cfg)
     (draw0, state0), (draw1, state1) = got[0], got[1]
     assert not torch.equal(draw0, draw1)  # each rank its own masks
     assert state0.keys() == state1.keys() and any("running_mean" in k for k in state0)
@@ -253,3 +268,26 @@ def test_ranks_draw_their_own_dropout_and_share_rank_0_s_batchnorm_statistics(tm
         assert torch.equal(state0[key], state1[key]), key  # parameters by the all-reduce, buffers by the broadcast
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], state0[k]) for k in state0)
+
+
+def test_a_rank_with_no_share_of_a_short_last_step_matches_one_process(tmp_path):
+    """97 samples, global batch 32: the last step of each epoch has 1 sample, so rank 1 has none
+    (a zeroed gradient list like rank 0's); the result is one process's with batch 32."""
+    cfg = base_config()
+    cfg["data"].update(train_size=97)
+    cfg["optimizer"] = {"name": "adam", "lr": 0.05}
+    cfg["trainer"] = {"mode": "minibatch", "batch_size": 32, "epochs": 2, "log_every": 2, "progress": False,
+                      "engine": "eager", "clip_grad_norm": 0.5}  # fmt: skip
+    cfg["output"] = {"run_dir": str(tmp_path / "run"), "curves": False}
+    got = _two_ranks(tmp_path, cfg)
+    single = tmp_path / "single"
+    assert run_main("--config", str(_write(tmp_path, cfg)), f"output.run_dir={single}").returncode == 0
+    for name, p in _params(single).items():
+        torch.testing.assert_close(got[0][1][name], p, rtol=1e-5, atol=1e-7)
+        assert torch.equal(got[0][1][name], got[1][1][name])
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "single.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -60,12 +60,12 @@ class OneCycle(torch.optim.lr_scheduler.OneCycleLR):
         super().__init__(optimizer, max_lr=0.05, total_steps=total_steps)
 
 
-def _trainer(tmp_path, *, optimizer, engine="eager", workers=2, epochs=1, train_size=1000, **trainer) -> Trainer:
-    cfg = base_config()
+def _trainer(tmp_path, *, optimizer, engine="eager", workers=2, epochs=1, train_size=1000, model=None, **trainer) -> Trainer:
+    cfg = base_config(model=model) if model else base_config()
     cfg["data"]["train_size"] = train_size
     cfg["optimizer"] = optimizer
-    cfg["trainer"].update(engine=engine, epochs=epochs, log_every=300, parallel="hogwild", workers=workers,
-                          clip_grad_norm=None, **trainer)  # fmt: skip
+    cfg["trainer"].update({"engine": engine, "epochs": epochs, "log_every": 300, "parallel": "hogwild",
+                           "workers": workers, "clip_grad_norm": None, **trainer})  # fmt: skip
     cfg["output"].update(run_dir=str(tmp_path / "run"))
     return Trainer(validate(cfg, "test.yaml"), out=open(os.devnull, "w"))
 
@@ -102,6 +102,31 @@ def test_optimizers_with_running_averages_train_as_well_as_one_process(tmp_path,
         trainer = _trainer(tmp_path / str(workers), optimizer=optimizer, workers=workers, epochs=2)
         losses[workers] = trainer.fit()["final"]["val"]["loss"]
     assert losses[1] < 0.05 and losses[2] < 3 * losses[1] + 0.01, losses
+
+
+class RunningMean(torch.nn.Module):
+    """A linear model that keeps a decaying average in a buffer, as BatchNorm's running
+    statistics do: here of ``3 + mean(x)``, about 3."""
+
+    def __init__(self, meta):
+        super().__init__()
+        self.fc = torch.nn.Linear(meta.input_shape[0], meta.out_features)
+        self.register_buffer("average", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.average.mul_(0.9).add_(0.1 * (3.0 + x.mean()))
+        return self.fc(x)
+
+
+def test_buffers_are_each_process_s_own(tmp_path):
+    """Adding each block's change to a shared running average subtracts its decay once per process
+    (the average ran away from 3); each process keeps its own, the trainer's is saved."""
+    trainer = _trainer(tmp_path, optimizer={"name": "sgd", "lr": 0.01}, model={"name": "tests.test_hogwild.RunningMean"},
+                       workers=4)  # fmt: skip
+    trainer.fit()
+    assert 2.5 < float(trainer.model.average) < 3.5
 
 
 def test_a_failure_in_a_worker_ends_the_run_with_its_traceback(tmp_path):
@@ -166,3 +191,12 @@ def test_hogwild_on_fashion_mnist_is_within_a_point_of_one_process(tmp_path):
         accuracy[workers] = summary["final"]["test"]["accuracy"]
     assert accuracy[1] > 0.83
     assert abs(accuracy[2] - accuracy[1]) < 0.01, accuracy
+
+
+def test_compiled_hogwild_whose_calls_are_shorter_than_a_chunk_stays_eager_and_says_so(tmp_path):
+    """Calls of 16 steps never compile a 64-step chunk (as in one process); the workers then start
+    eagerly instead of each building its own chunk."""
+    trainer = _trainer(tmp_path, optimizer={"name": "sgd", "lr": 0.01}, engine="compiled", log_every=16)
+    with pytest.warns(UserWarning, match="hogwild started its workers before a compiled chunk was built"):
+        summary = trainer.fit()
+    assert summary["steps"] == 1000 and summary["engine"] == "hogwild x2 (compiled (fell back to eager))"

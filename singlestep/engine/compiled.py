@@ -181,6 +181,10 @@ class CompiledEngine(Engine):
     def flush(self) -> None:
         self.eager.flush()
 
+    def stay_eager(self, reason: str) -> None:
+        """Run every later step eagerly, warning once with ``reason``."""
+        self._fallback(reason)
+
     def read(self) -> dict[str, float]:
         return self.eager.read()  # the same statistics: the eager engine flushes its host sums first
 

@@ -195,10 +195,11 @@ class EagerEngine(Engine):
         loss_total = None
         if not micro_batches:
             # A torchrun rank with no share of a short last step adds nothing, but its gradient
-            # list (which parameters, which dtypes) must be the other ranks': one sample, weight 0.
+            # list (which parameters, which dtypes) must be the other ranks': one sample's, zeroed.
             x, y = self.train.get(torch.zeros(1, dtype=torch.long, device=self.train.device))
-            loss = self.loss_fn(self.model(x), y) * 0.0
-            grads, loss_total = list(self._grads(loss)), loss.detach()
+            loss = self.loss_fn(self.model(x), y)
+            grads = [torch.zeros_like(g) for g in self._grads(loss)]
+            loss_total = torch.zeros_like(loss.detach())
         for mb in micro_batches:
             x, y = self.train.get(mb)
             # Weight each micro-batch by its share so the step sees the mean over all samples.

@@ -8,18 +8,19 @@ engine (eager or compiled) with the lrs those steps have in the schedule, and th
 when all are done. Logs, evaluations and checkpoints happen in this process, between calls.
 
 How the shared tensors are written (the same for every engine):
-- Parameters and floating-point buffers have one shared copy (in shared memory, made before the
-  workers are forked); each process trains its own copy.
+- Parameters have one shared copy (in shared memory, made before the workers are forked); each
+  process trains its own copy.
 - For each block a process copies the shared tensors into its own, runs the block's steps, then
   *adds* what they changed to the shared tensors, without a lock: its updates land every block,
   are added to the others' rather than written over them (two additions at the same instant can
   lose one), and its steps see the others' updates up to one block late. The compiled chunk runs
   K steps in one native call and cannot write the shared weights step by step; blocks make the
   eager engine run the same algorithm.
-- The optimizer's state (momentum, Adam's moments, Adagrad's sums, step counts) is each process's
-  own, as in PyTorch's mnist_hogwild: a block's change to a decaying average cannot be added to
-  a shared one (each process would subtract the decay once: RMSprop went NaN, Adam with 4
-  processes reached a loss of 1e11). The trainer's process's state is the one checkpointed.
+- The optimizer's state (momentum, Adam's moments, Adagrad's sums, step counts) and the model's
+  buffers (BatchNorm's running statistics) are each process's own, as in PyTorch's
+  mnist_hogwild: a block's change to a decaying average cannot be added to a shared one (each
+  process would subtract the decay once: RMSprop went NaN, Adam with 4 processes reached a loss
+  of 1e11). The trainer's process's are the ones evaluated and checkpointed.
 - The first steps run in this process alone: they create the optimizer's lazy state, which the
   workers then start from, and, for the compiled engine, build and check the compiled chunk.
 
@@ -157,7 +158,11 @@ class HogwildEngine:
             self._shared.pull()  # this process's model: everyone's updates, to evaluate and checkpoint
 
     def _start(self) -> None:
-        """Make the shared copy of parameters and buffers, then fork the workers."""
+        """Make the shared copy of the parameters, then fork the workers."""
+        if self._compiled and not self.inner.settled():
+            # Calls shorter than a chunk until now: each worker would build the chunk on its own.
+            self.inner.stay_eager("hogwild started its workers before a compiled chunk was built (the calls until "
+                                  "then were shorter than trainer.chunk_size); running eagerly")  # fmt: skip
         self._shared = _Shared(self.inner)
         context = multiprocessing.get_context("fork")  # the workers inherit the built engine
         for w in range(1, self.workers):
@@ -203,12 +208,11 @@ class HogwildEngine:
 
 
 class _Shared:
-    """The tensors the processes share (parameters, floating-point buffers): one shared copy of
-    each, and this process's own."""
+    """The tensors the processes share (the trainable parameters): one shared copy of each, and
+    this process's own."""
 
     def __init__(self, engine: Engine):
-        own = [*engine.params, *(b for b in engine.model.buffers() if b.is_floating_point())]
-        self.own = [t.detach() for t in own]
+        self.own = [p.detach() for p in engine.params]
         self.shared = [t.clone().share_memory_() for t in self.own]
         self.start: list[Tensor] = []
 
