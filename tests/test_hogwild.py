@@ -137,6 +137,22 @@ def test_a_failure_in_a_worker_ends_the_run_with_its_traceback(tmp_path):
     assert summary["status"] == "failed" and "a step went wrong in a worker" in summary["error"]
 
 
+def test_a_worker_that_dies_between_calls_is_reported_not_waited_for(tmp_path):
+    import signal
+
+    trainer = _trainer(tmp_path, optimizer={"name": "sgd", "lr": 0.01})
+    engine = trainer.engine
+    try:
+        engine.run_samples(torch.arange(600))
+        (process, _), = engine._children
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        with pytest.raises(RuntimeError, match=r"hogwild worker 1 died \(exit code -9\)"):
+            engine.run_samples(torch.arange(600))
+    finally:
+        engine.close()
+
+
 def test_hogwild_runs_resume_from_the_trainer_s_checkpoint(tmp_path, write_config):
     cfg = base_config()
     cfg["data"]["train_size"] = 600

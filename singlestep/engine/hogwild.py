@@ -135,8 +135,11 @@ class HogwildEngine:
         for w in range(self.workers):
             where = (owner == w).nonzero().squeeze(1)
             shares.append((idx[where], table[where.numpy()] if table is not None else None))
-        for (_, conn), (part, part_rows) in zip(self._children, shares[1:]):
-            conn.send((part.cpu().numpy(), part_rows))
+        for w, ((process, conn), (part, part_rows)) in enumerate(zip(self._children, shares[1:]), start=1):
+            try:
+                conn.send((part.cpu().numpy(), part_rows))
+            except OSError:  # its end of the pipe is closed: it died (killed, out of memory)
+                raise RuntimeError(f"hogwild worker {w} died (exit code {process.exitcode})") from None
         mine, mine_rows = shares[0]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # all of it: an idle OpenMP thread spins on the core a worker needs
