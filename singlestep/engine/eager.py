@@ -144,6 +144,19 @@ class EagerEngine(Engine):
         (None: the groups' own). The groups' lrs after the call are those the schedule left.
         ``step_scheduler``: call ``scheduler.step()`` after each step instead."""
         model, loss_fn, rule, ops = self.model, self.loss_fn, self.rule, self.ops
+        threads = torch.get_num_threads()
+        if self.eager_threads and threads != self.eager_threads:
+            # The whole call, gather included: a second OpenMP thread woken by the gather spins
+            # for ~10 ms after it, half of the other core at the trainer's 256-step calls.
+            torch.set_num_threads(self.eager_threads)
+        try:
+            self._run_samples_at(idx, rows, step_scheduler)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _run_samples_at(self, idx: Tensor, rows: list[list[float]] | None, step_scheduler: bool) -> None:
+        model, loss_fn, rule, ops = self.model, self.loss_fn, self.rule, self.ops
         xs, ys = self.train.get(idx)  # one gather for the whole chunk: [k, ...]
         groups = self.optimizer.param_groups
         if rows is not None:  # the lrs after the chunk, restored at its end
@@ -155,25 +168,18 @@ class EagerEngine(Engine):
             for p in self.params:
                 p.grad = None
         self._closed_set_grads = closed is not None
-        threads = torch.get_num_threads()
-        if self.eager_threads and threads != self.eager_threads:
-            torch.set_num_threads(self.eager_threads)
-        try:
-            for i, (x, y) in enumerate(zip(xs.split(1), ys.split(1))):  # [1, ...] views
-                if rows is not None:
-                    set_lrs(groups, rows[i])
-                if closed is not None:
-                    loss, grads = closed(x, y)
-                else:
-                    loss = loss_fn(model(x), y)
-                    grads = self._grads(loss)
-                    loss = loss.detach()
-                take_step(rule, ops, grads, loss)
-                if step_scheduler:
-                    self.scheduler.step()
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+        for i, (x, y) in enumerate(zip(xs.split(1), ys.split(1))):  # [1, ...] views
+            if rows is not None:
+                set_lrs(groups, rows[i])
+            if closed is not None:
+                loss, grads = closed(x, y)
+            else:
+                loss = loss_fn(model(x), y)
+                grads = self._grads(loss)
+                loss = loss.detach()
+            take_step(rule, ops, grads, loss)
+            if step_scheduler:
+                self.scheduler.step()
         if rows is not None:
             set_lrs(groups, final)
         self.flush()
