@@ -8,6 +8,14 @@ times after one untimed run per engine (so a compiled package comes from the cac
 run). Printed per run: the whole command's wall time, the training loop's time (``train_seconds``
 in summary.json: steps, evaluations, checkpoints), the steady steps per second (the median of the
 metrics windows' samples_per_second) and the test accuracy; then the speed-ups, best of rounds.
+
+Two figures say what the machine allows, so that a speed-up can be read against them:
+- the ceiling: N one-process runs started at once, sharing nothing; their steady steps/s added
+  up, against one run alone. Hogwild's steady rate cannot beat it by much (its processes do the
+  same steps, and share the weights besides).
+- the bound on the whole command (Amdahl): one process's wall time against the same time with
+  its training loop N times faster and the rest (start-up, data, evaluation) unchanged.
+
 Needs the Fashion-MNIST files (Debian's dataset-fashion-mnist, or scripts/download_data.py).
 """
 
@@ -27,23 +35,28 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "fashion_mnist_linear_per_sample.yaml"
 
 
-def run(engine: str, workers: int, epochs: int, out: Path) -> dict:
-    """One CLI run; its figures."""
-    run_dir = out / f"{engine}-{workers}-{time.monotonic_ns()}"
+def run(engine: str, workers: int, epochs: int, out: Path, copies: int = 1) -> list[dict]:
+    """``copies`` CLI runs started at once; each one's figures."""
     extra = ["trainer.parallel=hogwild", f"trainer.workers={workers}"] if workers > 1 else []
-    cmd = [sys.executable, "-m", "singlestep.train", "--config", str(CONFIG), f"trainer.engine={engine}",
-           f"trainer.epochs={epochs}", f"output.run_dir={run_dir}", "output.curves=false", "trainer.progress=false", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [w["samples_per_second"] for w in windows if w["event"] == "train" and w.get("samples_per_second")]
-    return {"wall": wall, "train": summary["train_seconds"], "rate": statistics.median(rates),
-            "acc": summary["final"]["test"]["accuracy"], "engine": summary["engine"]}
+    started = []
+    for _ in range(copies):
+        run_dir = out / f"{engine}-{workers}-{time.monotonic_ns()}"
+        cmd = [sys.executable, "-m", "singlestep.train", "--config", str(CONFIG), f"trainer.engine={engine}",
+               f"trainer.epochs={epochs}", f"output.run_dir={run_dir}", "output.curves=false", "trainer.progress=false", *extra]  # fmt: skip
+        started.append((cmd, run_dir, time.perf_counter(), subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))  # fmt: skip
+    results = []
+    for cmd, run_dir, start, process in started:
+        _, stderr = process.communicate()
+        wall = time.perf_counter() - start
+        if process.returncode:
+            sys.exit(f"{' '.join(cmd)} failed:\n{stderr}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rates = [w["samples_per_second"] for w in windows if w["event"] == "train" and w.get("samples_per_second")]
+        results.append({"wall": wall, "train": summary["train_seconds"], "rate": statistics.median(rates),
+                        "acc": summary["final"]["test"]["accuracy"], "engine": summary["engine"]})  # fmt: skip
+    return results
 
 
 def main() -> None:
@@ -52,25 +65,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed runs of each configuration, alternated")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     args = parser.parse_args()
+    n = args.workers
     with tempfile.TemporaryDirectory(prefix="bench-hogwild-") as tmp:
         out = Path(tmp)
-        results: dict[tuple[str, int], list[dict]] = {}
+        results: dict[tuple[str, str], list[dict]] = {}
+        ceiling: dict[str, list[float]] = {}
         for engine in ("eager", "compiled"):
             run(engine, 1, args.epochs, out)  # untimed: the compiled package into the cache
         for _ in range(args.rounds):
             for engine in ("eager", "compiled"):
-                for workers in (1, args.workers):
-                    r = run(engine, workers, args.epochs, out)
-                    results.setdefault((engine, workers), []).append(r)
-                    print(f"{engine:8} workers {workers}: wall {r['wall']:6.2f} s | train {r['train']:6.2f} s | "
+                for kind, workers in (("one", 1), ("hogwild", n)):
+                    [r] = run(engine, workers, args.epochs, out)
+                    results.setdefault((engine, kind), []).append(r)
+                    print(f"{engine:8} {kind:7} x{workers}: wall {r['wall']:6.2f} s | train {r['train']:6.2f} s | "
                           f"{r['rate']:9,.0f} steps/s | test accuracy {r['acc']:.4f} | {r['engine']}", flush=True)  # fmt: skip
-        print(f"\nspeed-up with {args.workers} workers (best of {args.rounds} rounds each side):")
+                apart = run(engine, 1, args.epochs, out, copies=n)
+                alone = results[engine, "one"][-1]["rate"]  # the run just before, for the same phase of the machine
+                ceiling.setdefault(engine, []).append(sum(r["rate"] for r in apart) / alone)
+                rates = " + ".join(f"{r['rate']:,.0f}" for r in apart)
+                print(f"{engine:8} {n} one-process runs at once: {rates} steps/s "
+                      f"= {ceiling[engine][-1]:.2f}x one alone", flush=True)  # fmt: skip
+        print(f"\nspeed-up with {n} workers (best of {args.rounds} rounds each side):")
         for engine in ("eager", "compiled"):
-            one, many = results[engine, 1], results[engine, args.workers]
+            one, many = results[engine, "one"], results[engine, "hogwild"]
             best = lambda rs, key, f: f(r[key] for r in rs)  # noqa: E731
-            print(f"{engine:8} wall {best(one, 'wall', min) / best(many, 'wall', min):.2f}x | "
-                  f"train {best(one, 'train', min) / best(many, 'train', min):.2f}x | "
-                  f"steady steps/s {best(many, 'rate', max) / best(one, 'rate', max):.2f}x | "
+            wall, train = best(one, "wall", min), best(one, "train", min)
+            print(f"{engine:8} wall {wall / best(many, 'wall', min):.2f}x (bound {wall / (wall - train + train / n):.2f}x) | "
+                  f"train {train / best(many, 'train', min):.2f}x | "
+                  f"steady steps/s {best(many, 'rate', max) / best(one, 'rate', max):.2f}x "
+                  f"(ceiling {max(ceiling[engine]):.2f}x) | "
                   f"test accuracy {statistics.mean(r['acc'] for r in one):.4f} -> {statistics.mean(r['acc'] for r in many):.4f}")  # fmt: skip
 
 
