@@ -90,6 +90,8 @@ class Trainer:
         self.last_train_loss = float("nan")
         self.train_seconds = 0.0
         self.wall_before = 0.0  # wall seconds of the run before this process (a resume)
+        # The log window open at a checkpoint goes on after a resume: its line's rate counts all its samples.
+        self.window_before: tuple[int, float] = (0, 0.0)
         self.checkpoints_ok = True
         if cfg.output.tensorboard and not tensorboard_available():
             raise ConfigError("output.tensorboard: true needs the tensorboard package: pip install 'singlestep[tensorboard]'")
@@ -113,7 +115,7 @@ class Trainer:
             "loop": {**self.state.state_dict(), "boundary_done": self.state.step < self.total_steps,
                      "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
                      "last_train_loss": self.last_train_loss, "train_seconds": self._train_seconds(),
-                     "run_seconds": run.elapsed(),
+                     "run_seconds": run.elapsed(), "window": self._window(),
                      "wall_seconds": self.wall_before + time.perf_counter() - self.started},
             "rng": rngs[0],
             "rank_rng": rngs if self.dist.active else None,
@@ -148,6 +150,7 @@ class Trainer:
             self.samples_seen, self.skipped_steps = loop["samples_seen"], loop["skipped_steps"]
             self.last_train_loss, self.train_seconds = loop["last_train_loss"], loop["train_seconds"]
             self.wall_before = loop["wall_seconds"]
+            self.window_before = tuple(loop.get("window", (0, 0.0)))  # older checkpoints: a fresh window
             self.engine.load_state_dict(state["engine"])
             checkpoint.set_rng_state(state["rank_rng"][self.dist.rank] if self.dist.active else state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
@@ -270,7 +273,8 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = Progress(self.total_steps, t.progress and self.dist.main, initial=self.state.step)
         self._loop_started = time.perf_counter()
-        self._window_start, self._window_samples = time.perf_counter(), 0
+        samples, seconds = self.window_before
+        self._window_start, self._window_samples = time.perf_counter() - seconds, samples
         try:
             if resume is not None and not resume.state["loop"]["boundary_done"] and self.state.step < self.total_steps:
                 self._boundary(run, progress)  # a finished run trained further: what its end deferred
@@ -423,6 +427,11 @@ class Trainer:
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def _window(self) -> tuple[int, float]:
+        """The open log window's samples and seconds (a checkpoint carries them)."""
+        started = getattr(self, "_window_start", None)  # None: before the loop
+        return self.window_before if started is None else (self._window_samples, time.perf_counter() - started)
 
     def _log_window(self, run: RunDir, progress: Progress) -> None:
         stats = self.engine.read()  # syncs the device: once per log window

@@ -122,6 +122,10 @@ def test_a_finished_run_trained_further_equals_the_longer_run(tmp_path):
     more = resume_from(make_cfg(tmp_path, "parts", trainer={"epochs": 3}, scheduler=None), first.run_dir)
     assert_same_run(longer, more)
     assert [m["step"] for m in metrics(more.run_dir) if m["split"] == "val"] == [70, 140, 210, 280, 350, 420, 450]
+    # The step-300 line, logged again by the resumed process, keeps its window's samples (not 0/s).
+    lines = [json.loads(line) for line in (more.run_dir / "metrics.jsonl").read_text().splitlines()]
+    [logged] = [m for m in lines if m["event"] == "train" and m["step"] == 300]
+    assert logged["samples_per_second"] > 0
 
 
 def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
