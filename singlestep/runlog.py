@@ -13,7 +13,8 @@ from typing import Any
 
 from singlestep.errors import UserError
 
-__all__ = ["Progress", "RunDir", "SilentRun", "make_run_dir", "summary_line", "tensorboard_available", "write_atomic"]
+__all__ = ["Progress", "RunDir", "SilentRun", "make_run_dir", "summary_line", "tensorboard_available", "window_line",
+           "window_text", "write_atomic"]
 
 
 def make_run_dir(base: str, name: str, exact: str | None) -> Path:
@@ -236,6 +237,20 @@ def _tensorboard_writer(path: Path, step: int) -> Any:
 
     # purge_step: a resumed run's events from after its checkpoint are dropped, as in metrics.jsonl.
     return SummaryWriter(log_dir=str(path), purge_step=step or None)
+
+
+def window_text(stats: dict[str, Any], lr: float) -> str:
+    """A log window's statistics, as its line (or the progress bar) shows them."""
+    if stats["steps"] and stats["skipped_steps"] == stats["steps"]:
+        return f"all {stats['steps']:,} steps skipped (non-finite loss or gradients) | lr {lr:.3g}"
+    skipped = f" | {stats['skipped_steps']:,} skipped" if stats["skipped_steps"] else ""
+    return f"loss {stats['loss']:.4g} | grad_norm {stats['grad_norm']:.3g} | lr {lr:.3g}{skipped}"
+
+
+def window_line(event: dict[str, Any], stats: dict[str, Any]) -> str:
+    """The line a log window prints without a progress bar, from its ``metrics.jsonl`` event."""
+    sps = event["samples_per_second"] or 0.0
+    return f"step {event['step']:>8,} | epoch {event['epoch']:.2f} | {window_text(stats, event['lr'])} | {sps:,.0f} samples/s"
 
 
 def summary_line(s: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 
 from singlestep import _compat as compat
-from singlestep import checkpoint, malloc
+from singlestep import checkpoint, malloc, runlog
 from singlestep.build import build
 from singlestep.checkpoint import Resume
 from singlestep.config import Config, config_to_dict
@@ -93,6 +93,7 @@ class Trainer:
         # The log window open at a checkpoint goes on after a resume: its line's rate counts all its samples.
         self.window_before: tuple[int, float] = (0, 0.0)
         self.checkpoints_ok = True
+        self.finishing = False  # the loop is over: the final evaluation, weights and summary
         if cfg.output.tensorboard and not tensorboard_available():
             raise ConfigError("output.tensorboard: true needs the tensorboard package: pip install 'singlestep[tensorboard]'")
 
@@ -287,7 +288,7 @@ class Trainer:
 
     def _finish(self, run: RunDir) -> dict[str, Any]:
         """The final evaluation, the weights and ``summary.json``."""
-        cfg = self.cfg
+        cfg, self.finishing = self.cfg, True
         with self._evaluating():  # the weights evaluated and saved are the optimizer's eval-mode ones
             final = {split: self._evaluate(s) for split, s in self.data.splits().items()}
             for split, metrics in final.items():
@@ -336,6 +337,11 @@ class Trainer:
         what it reached and why it ended; never raises (the original error goes on up)."""
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        if status == "interrupted" and self.finishing:  # every step is done (and checkpointed): say how to finish
+            saved = self._checkpoint_name() if self.last_checkpoint == self.state.step else None
+            error = (f"interrupted in the final evaluation, after step {self.state.step:,}"
+                     + (f"; python -m singlestep.train --resume {self.run_dir} evaluates it" if saved else ""))  # fmt: skip
+            self._print(error)
         try:
             run.write_json("summary.json", self._summary(status, error.strip() or type(exc).__name__, None))
         except Exception:  # noqa: BLE001 - a full disk must not hide the error that ended the run
@@ -446,16 +452,10 @@ class Trainer:
         run.log(event)
         if self.failure is None:
             self.failure = window_problem(stats, self.cfg.trainer, self.skipped_steps, self.state.step)
-        if stats["steps"] and stats["skipped_steps"] == stats["steps"]:
-            text = f"all {stats['steps']:,} steps skipped (non-finite loss or gradients) | lr {event['lr']:.3g}"
-        else:
-            skipped = f" | {stats['skipped_steps']:,} skipped" if stats["skipped_steps"] else ""
-            text = f"loss {stats['loss']:.4g} | grad_norm {stats['grad_norm']:.3g} | lr {event['lr']:.3g}{skipped}"
         if progress.active:
-            progress.postfix(text)
+            progress.postfix(runlog.window_text(stats, event["lr"]))
         else:
-            sps = event["samples_per_second"] or 0.0
-            self._print(f"step {self.state.step:>8,} | epoch {event['epoch']:.2f} | {text} | {sps:,.0f} samples/s")
+            self._print(runlog.window_line(event, stats))
 
     def _optimizer_mode(self, mode: str) -> None:
         """Call the optimizer's ``train()`` or ``eval()`` (``mode``), when it has one: schedule-free

@@ -3,6 +3,7 @@ parameters, bit for bit, and the metrics of the same run left alone."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -211,3 +212,24 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, write_con
     b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(tmp_path / "whole") == metrics(tmp_path / "killed")
+
+
+def test_ctrl_c_in_the_final_evaluation_says_how_to_finish(tmp_path):
+    # Every step is done and checkpointed: the message and summary.json say how to get the final
+    # metrics, and that resume gives the uninterrupted run's.
+    cfg = make_cfg(tmp_path, "run")
+    out = io.StringIO()
+    trainer = Trainer(cfg, out=out)
+    evaluate = trainer._evaluate
+    trainer._evaluate = lambda split: (_ for _ in ()).throw(KeyboardInterrupt) if trainer.finishing else evaluate(split)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    summary = json.loads((trainer.run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 300
+    expected = f"interrupted in the final evaluation, after step 300; python -m singlestep.train --resume {trainer.run_dir} evaluates it"
+    assert summary["error"] == expected and expected in out.getvalue()
+    finished = resume_from(cfg, trainer.run_dir)
+    whole = run(make_cfg(tmp_path, "whole"))
+    done = json.loads((finished.run_dir / "summary.json").read_text())
+    assert done["status"] == "ok" and done["final"] == json.loads((whole.run_dir / "summary.json").read_text())["final"]
+    assert metrics(finished.run_dir) == metrics(whole.run_dir)
