@@ -13,8 +13,8 @@ from typing import Any
 
 from singlestep.errors import UserError
 
-__all__ = ["Progress", "RunDir", "SilentRun", "make_run_dir", "summary_line", "tensorboard_available", "window_line",
-           "window_text", "write_atomic"]
+__all__ = ["Progress", "RunDir", "SilentRun", "interrupted_line", "make_run_dir", "summary_line", "tensorboard_available",
+           "window_line", "window_text", "write_atomic"]
 
 
 def make_run_dir(base: str, name: str, exact: str | None) -> Path:
@@ -251,6 +251,15 @@ def window_line(event: dict[str, Any], stats: dict[str, Any]) -> str:
     """The line a log window prints without a progress bar, from its ``metrics.jsonl`` event."""
     sps = event["samples_per_second"] or 0.0
     return f"step {event['step']:>8,} | epoch {event['epoch']:.2f} | {window_text(stats, event['lr'])} | {sps:,.0f} samples/s"
+
+
+def interrupted_line(step: int, total: int, run_dir: Path, saved: bool) -> str:
+    """What a run stopped in its final evaluation says (``saved``: its last step is checkpointed)."""
+    text = f"interrupted in the final evaluation, at step {step:,} of {total:,}"
+    if not saved:
+        return text
+    rest = "evaluates it" if step == total else f"trains the {total - step:,} steps left and evaluates"
+    return f"{text}; python -m singlestep.train --resume {run_dir} {rest}"
 
 
 def summary_line(s: dict[str, Any]) -> str:

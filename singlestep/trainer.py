@@ -31,7 +31,7 @@ from singlestep.errors import ConfigError, UserError, first_line
 from singlestep.health import window_problem
 from singlestep.loop_state import LoopState, steps_per_epoch
 from singlestep.metrics import evaluate
-from singlestep.runlog import Progress, RunDir, SilentRun, make_run_dir, summary_line, tensorboard_available
+from singlestep.runlog import Progress, RunDir, SilentRun
 
 __all__ = ["LoopState", "Resume", "Trainer", "resolve_device", "steps_per_epoch"]
 
@@ -94,7 +94,7 @@ class Trainer:
         self.window_before: tuple[int, float] = (0, 0.0)
         self.checkpoints_ok = True
         self.finishing = False  # the loop is over: the final evaluation, weights and summary
-        if cfg.output.tensorboard and not tensorboard_available():
+        if cfg.output.tensorboard and not runlog.tensorboard_available():
             raise ConfigError("output.tensorboard: true needs the tensorboard package: pip install 'singlestep[tensorboard]'")
 
     # ------------------------------------------------------------------ run state
@@ -151,7 +151,8 @@ class Trainer:
             self.samples_seen, self.skipped_steps = loop["samples_seen"], loop["skipped_steps"]
             self.last_train_loss, self.train_seconds = loop["last_train_loss"], loop["train_seconds"]
             self.wall_before = loop["wall_seconds"]
-            self.window_before = tuple(loop.get("window", (0, 0.0)))  # older checkpoints: a fresh window
+            samples, seconds = loop.get("window", (0, 0.0))  # older checkpoints: a fresh window
+            self.window_before = (int(samples), float(seconds))
             self.engine.load_state_dict(state["engine"])
             checkpoint.set_rng_state(state["rank_rng"][self.dist.rank] if self.dist.active else state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
@@ -187,7 +188,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now
+        if self.stop_requested or self.finishing:  # a second Ctrl-C, or one in the final evaluation: stop now
             raise KeyboardInterrupt
         self.stop_requested = True
 
@@ -202,9 +203,10 @@ class Trainer:
             The summary also written to ``summary.json``; its ``status`` is ``ok``,
             ``interrupted`` (Ctrl-C / SIGTERM) or ``diverged`` (``health.window_problem``).
         """
-        run = self._open_run()
+        run, handlers = self._open_run(), {}
         try:
             self._prepare(run)
+            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
             self._train(run)
             summary = self._finish(run)
         except BaseException as exc:
@@ -212,11 +214,13 @@ class Trainer:
             raise
         finally:
             run.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
         if self.cfg.output.curves and self.dist.main:
             from singlestep.plot import write_run_curves  # lazy: matplotlib only where it is used
 
             write_run_curves(self.run_dir)  # never fails a run for a picture
-        self._print(summary_line(summary))
+        self._print(runlog.summary_line(summary))
         return summary
 
     def _open_run(self) -> RunDir:
@@ -232,7 +236,7 @@ class Trainer:
             return SilentRun(made)
         try:
             if resume is None:
-                self.run_dir = make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
+                self.run_dir = runlog.make_run_dir(cfg.output.dir, cfg.name, cfg.output.run_dir)
                 run = RunDir(self.run_dir, tensorboard=cfg.output.tensorboard)
             else:
                 self.run_dir = resume.run_dir
@@ -271,7 +275,6 @@ class Trainer:
         )
         # Schedule-free optimizers start in eval mode and refuse to step in it.
         self._optimizer_mode("train")
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = Progress(self.total_steps, t.progress and self.dist.main, initial=self.state.step)
         self._loop_started = time.perf_counter()
         samples, seconds = self.window_before
@@ -283,8 +286,6 @@ class Trainer:
         finally:
             progress.close()
             self.engine.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
 
     def _finish(self, run: RunDir) -> dict[str, Any]:
         """The final evaluation, the weights and ``summary.json``."""
@@ -337,10 +338,9 @@ class Trainer:
         what it reached and why it ended; never raises (the original error goes on up)."""
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        if status == "interrupted" and self.finishing:  # every step is done (and checkpointed): say how to finish
-            saved = self._checkpoint_name() if self.last_checkpoint == self.state.step else None
-            error = (f"interrupted in the final evaluation, after step {self.state.step:,}"
-                     + (f"; python -m singlestep.train --resume {self.run_dir} evaluates it" if saved else ""))  # fmt: skip
+        if status == "interrupted" and self.finishing:  # the loop's end was checkpointed: say how to finish
+            saved = self._checkpoint_name() is not None and self.last_checkpoint == self.state.step
+            error = runlog.interrupted_line(self.state.step, self.total_steps, self.run_dir, saved)
             self._print(error)
         try:
             run.write_json("summary.json", self._summary(status, error.strip() or type(exc).__name__, None))
@@ -448,7 +448,7 @@ class Trainer:
         event = {"event": "train", "step": self.state.step, "epoch": round(self._epoch_float(), 6), "split": "train",
                  "loss": stats["loss"], "lr": self._lr(), "grad_norm": stats["grad_norm"],
                  "grad_norm_max": stats["grad_norm_max"], "skipped_steps": stats["skipped_steps"],
-                 "samples_per_second": samples / elapsed if elapsed > 0 else None}  # fmt: skip
+                 "samples_per_second": samples / elapsed if elapsed > 0 and samples else None}  # fmt: skip
         run.log(event)
         if self.failure is None:
             self.failure = window_problem(stats, self.cfg.trainer, self.skipped_steps, self.state.step)

@@ -129,6 +129,18 @@ def test_a_finished_run_trained_further_equals_the_longer_run(tmp_path):
     assert logged["samples_per_second"] > 0
 
 
+def test_a_checkpoint_without_the_log_window_logs_no_rate_rather_than_zero(tmp_path):
+    # Checkpoints from before the window was carried: the re-logged line's rate is unknown (null).
+    first = run(make_cfg(tmp_path, "parts", scheduler=None))
+    _, path = checkpoint.find_checkpoint(first.run_dir)
+    state = checkpoint.load_checkpoint(path)
+    del state["loop"]["window"]
+    more = run(make_cfg(tmp_path, "parts", trainer={"epochs": 3}, scheduler=None), resume=Resume(first.run_dir, path, state))
+    lines = [json.loads(line) for line in (more.run_dir / "metrics.jsonl").read_text().splitlines()]
+    [logged] = [m for m in lines if m["event"] == "train" and m["step"] == 300]
+    assert logged["samples_per_second"] is None
+
+
 def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     cfg = make_cfg(tmp_path, "run")
     first = run(cfg)
@@ -214,22 +226,55 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_exact(tmp_path, write_con
     assert metrics(tmp_path / "whole") == metrics(tmp_path / "killed")
 
 
-def test_ctrl_c_in_the_final_evaluation_says_how_to_finish(tmp_path):
-    # Every step is done and checkpointed: the message and summary.json say how to get the final
-    # metrics, and that resume gives the uninterrupted run's.
-    cfg = make_cfg(tmp_path, "run")
+def interrupted_in_final_evaluation(cfg, signum, *, stop_after_calls=None):
+    """Train ``cfg``; a real ``signum`` arrives in the final evaluation (and SIGTERM after
+    ``stop_after_calls`` engine calls). Returns the trainer and what it printed."""
     out = io.StringIO()
     trainer = Trainer(cfg, out=out)
-    evaluate = trainer._evaluate
-    trainer._evaluate = lambda split: (_ for _ in ()).throw(KeyboardInterrupt) if trainer.finishing else evaluate(split)
+    evaluate, calls = trainer._evaluate, [0]
+
+    def evaluate_then_signal(split):
+        if trainer.finishing:
+            os.kill(os.getpid(), signum)
+        return evaluate(split)
+
+    trainer._evaluate = evaluate_then_signal
+    if stop_after_calls is not None:
+        inner = trainer.engine.run_samples
+
+        def counted(idx):
+            inner(idx)
+            calls[0] += 1
+            if calls[0] == stop_after_calls:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        trainer.engine.run_samples = counted
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
+    return trainer, out.getvalue()
+
+
+def test_a_signal_in_the_final_evaluation_says_how_to_finish(tmp_path):
+    # Every step is done and checkpointed: SIGTERM there (as Ctrl-C) says how to get the final
+    # metrics, and that resume gives the uninterrupted run's.
+    cfg = make_cfg(tmp_path, "run")
+    trainer, printed = interrupted_in_final_evaluation(cfg, signal.SIGTERM)
     summary = json.loads((trainer.run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == 300
-    expected = f"interrupted in the final evaluation, after step 300; python -m singlestep.train --resume {trainer.run_dir} evaluates it"
-    assert summary["error"] == expected and expected in out.getvalue()
+    expected = (f"interrupted in the final evaluation, at step 300 of 300; python -m singlestep.train --resume "
+                f"{trainer.run_dir} evaluates it")  # fmt: skip
+    assert summary["error"] == expected and expected in printed
     finished = resume_from(cfg, trainer.run_dir)
     whole = run(make_cfg(tmp_path, "whole"))
     done = json.loads((finished.run_dir / "summary.json").read_text())
     assert done["status"] == "ok" and done["final"] == json.loads((whole.run_dir / "summary.json").read_text())["final"]
     assert metrics(finished.run_dir) == metrics(whole.run_dir)
+
+
+def test_a_second_ctrl_c_in_the_final_evaluation_of_a_stopped_run_says_what_is_left(tmp_path):
+    cfg = make_cfg(tmp_path, "run")
+    trainer, printed = interrupted_in_final_evaluation(cfg, signal.SIGINT, stop_after_calls=3)
+    expected = (f"interrupted in the final evaluation, at step 70 of 300; python -m singlestep.train --resume "
+                f"{trainer.run_dir} trains the 230 steps left and evaluates")  # fmt: skip
+    assert expected in printed
+    assert json.loads((trainer.run_dir / "summary.json").read_text())["error"] == expected

@@ -143,7 +143,6 @@ class EagerEngine(Engine):
         """``run_samples`` with the schedule already advanced: ``rows[i]`` is step i's lr per group
         (None: the groups' own). The groups' lrs after the call are those the schedule left.
         ``step_scheduler``: call ``scheduler.step()`` after each step instead."""
-        model, loss_fn, rule, ops = self.model, self.loss_fn, self.rule, self.ops
         threads = torch.get_num_threads()
         if self.eager_threads and threads != self.eager_threads:
             # The whole call, gather included: a second OpenMP thread woken by the gather spins
