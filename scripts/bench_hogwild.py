@@ -44,7 +44,7 @@ def run(engine: str, workers: int, epochs: int, out: Path, copies: int = 1) -> l
         run_dir = out / f"{engine}-{workers}-{time.monotonic_ns()}"
         cmd = [sys.executable, "-m", "singlestep.train", "--config", str(CONFIG), f"trainer.engine={engine}",
                f"trainer.epochs={epochs}", f"output.run_dir={run_dir}", "output.curves=false", "trainer.progress=false", *extra]  # fmt: skip
-        errors = open(out / f"{run_dir.name}.err", "w+")  # a file, not a pipe: a chatty run never stalls
+        errors = open(out / f"{run_dir.name}.err", "w+")  # noqa: SIM115 - a file, not a pipe: a chatty run never stalls
         started.append((cmd, run_dir, errors, time.perf_counter(), subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=errors)))  # fmt: skip
     results = []
     for cmd, run_dir, errors, start, process in started:

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from singlestep.build import build
-from singlestep.config import load_config
-from singlestep.engine.hogwild import _run_blocks, _Shared
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's singlestep, whatever else is installed
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_linear_per_sample.yaml"
+from singlestep.build import build  # noqa: E402
+from singlestep.config import load_config  # noqa: E402
+from singlestep.engine.hogwild import _run_blocks, _Shared  # noqa: E402
+
+CONFIG = ROOT / "configs" / "fashion_mnist_linear_per_sample.yaml"
 
 
 def main() -> None:
@@ -55,18 +59,19 @@ def main() -> None:
 
     def pair(share: _Shared | None) -> float:
         """Steps per second of two processes at once, added up."""
-        rates, go = context.Queue(), context.Barrier(2)
+        rates, go = context.Queue(), context.Barrier(2, timeout=60)
 
         def child() -> None:
             go.wait()
             rates.put(run(idx[1::2], share))
 
-        process = context.Process(target=child)
+        process = context.Process(target=child, daemon=True)
         process.start()
         go.wait()
         mine = run(idx[0::2], share)
+        theirs = rates.get(timeout=600)  # before join: a full queue would keep the child waiting
         process.join()
-        return mine + rates.get()
+        return mine + theirs
 
     for _ in range(args.rounds):
         one = run(idx, None)

@@ -1,16 +1,20 @@
 """What every command line (train, plot, sweep) shares: the exit codes, argument errors as one
-line, and the wrapper that turns a user error into ``error: ...`` and exit code 2."""
+line, the wrapper that turns a user error into ``error: ...`` and exit code 2, and Ctrl-C /
+SIGTERM routed to a run's own handler."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from typing import Callable
+from collections.abc import Iterator
+from typing import Any, Callable
 
 from singlestep.errors import UserError
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_STOPPED", "EXIT_USER_ERROR", "ArgumentParser", "run"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_STOPPED", "EXIT_USER_ERROR", "ArgumentParser", "run", "signals_to"]
 
 EXIT_USER_ERROR = 2  # one message on stderr, no traceback
 EXIT_STOPPED = 3  # a run stopped itself: training went wrong (summary.json says why)
@@ -42,3 +46,15 @@ def _rank() -> str:
     """``[rank N] `` for a torchrun rank other than 0 (whose messages may differ from rank 0's)."""
     rank = os.environ.get("RANK", "0")
     return f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") != "1" and rank != "0" else ""
+
+
+@contextlib.contextmanager
+def signals_to(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Send Ctrl-C (SIGINT) and SIGTERM to ``handler`` inside the block; the previous handlers are
+    back the moment it is left, however it is left (before anything else that may be slow)."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

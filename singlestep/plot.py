@@ -365,17 +365,21 @@ def write_run_curves(run_dir: str | Path) -> Path | None:
 
     Returns:
         The path written; None when matplotlib is not installed (nothing is done) or the curves
-        could not be drawn (one warning says why).
+        could not be drawn, or Ctrl-C came while they were (one warning says why).
     """
     try:
         import matplotlib  # noqa: F401 - only asking whether it is installed
-    except ImportError:
-        return None
-    try:
+
         return plot_runs([run_dir], Path(run_dir) / "curves.png")
+    except ImportError as exc:
+        if exc.name == "matplotlib":
+            return None
+        warnings.warn(f"curves.png not written: {type(exc).__name__}: {exc}", stacklevel=2)
+    except KeyboardInterrupt:  # the run is finished and saved: a Ctrl-C here skips only the picture
+        warnings.warn("curves.png not written: interrupted (python -m singlestep.plot RUN_DIR draws it)", stacklevel=2)
     except Exception as exc:  # noqa: BLE001 - a finished run's exit code must not depend on a plot
         warnings.warn(f"curves.png not written: {type(exc).__name__}: {exc}", stacklevel=2)
-        return None
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:

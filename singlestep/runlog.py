@@ -249,16 +249,21 @@ def window_text(stats: dict[str, Any], lr: float) -> str:
 
 def window_line(event: dict[str, Any], stats: dict[str, Any]) -> str:
     """The line a log window prints without a progress bar, from its ``metrics.jsonl`` event."""
-    sps = event["samples_per_second"] or 0.0
-    return f"step {event['step']:>8,} | epoch {event['epoch']:.2f} | {window_text(stats, event['lr'])} | {sps:,.0f} samples/s"
+    sps = event["samples_per_second"]  # None: not measured (a window from before a resume, of an older checkpoint)
+    rate = f" | {sps:,.0f} samples/s" if sps is not None else ""
+    return f"step {event['step']:>8,} | epoch {event['epoch']:.2f} | {window_text(stats, event['lr'])}{rate}"
 
 
-def interrupted_line(step: int, total: int, run_dir: Path, saved: bool) -> str:
-    """What a run stopped in its final evaluation says (``saved``: its last step is checkpointed)."""
+def interrupted_line(step: int, total: int, run_dir: Path, saved: bool, failure: str | None = None) -> str:
+    """What a run interrupted in its final evaluation says (``saved``: its last step is
+    checkpointed; ``failure``: why it had stopped itself, then nothing is worth resuming)."""
     text = f"interrupted in the final evaluation, at step {step:,} of {total:,}"
+    if failure is not None:
+        return f"stopped at step {step:,}: {failure}; then {text}"
     if not saved:
         return text
-    rest = "evaluates it" if step == total else f"trains the {total - step:,} steps left and evaluates"
+    left = total - step
+    rest = "evaluates it" if not left else f"trains the {left:,} step{'s' * (left > 1)} left and evaluates"
     return f"{text}; python -m singlestep.train --resume {run_dir} {rest}"
 
 

@@ -387,8 +387,7 @@ class _Sweep:
                 self._report(job, skipped=True)
             else:
                 pending.append(job)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with cli.signals_to(self._on_signal):
             while self.running or (pending and not self.signals and not self.metric_error):
                 if self.signals > self.forwarded:  # 1st: a clean stop (checkpoint, exit 130); 2nd: kill
                     sig = signal.SIGINT if self.signals == 1 else signal.SIGKILL
@@ -405,9 +404,6 @@ class _Sweep:
                     if rc is not None:
                         self._finish(proc, rc)
                 time.sleep(0.05)
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
         for job in pending:
             job.run = Run(job.seed, "not run")
         if self.metric_error:

@@ -10,7 +10,6 @@ and how a run resumes, in ``checkpoint.py``; when a run stops itself, in ``healt
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any, TextIO
 import torch
 
 from singlestep import _compat as compat
-from singlestep import checkpoint, malloc, runlog
+from singlestep import checkpoint, cli, malloc, runlog
 from singlestep.build import build
 from singlestep.checkpoint import Resume
 from singlestep.config import Config, config_to_dict
@@ -93,7 +92,7 @@ class Trainer:
         # The log window open at a checkpoint goes on after a resume: its line's rate counts all its samples.
         self.window_before: tuple[int, float] = (0, 0.0)
         self.checkpoints_ok = True
-        self.finishing = False  # the loop is over: the final evaluation, weights and summary
+        self.phase = "train"  # then "final" (evaluation, weights, summary.json), then "done"
         if cfg.output.tensorboard and not runlog.tensorboard_available():
             raise ConfigError("output.tensorboard: true needs the tensorboard package: pip install 'singlestep[tensorboard]'")
 
@@ -188,7 +187,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_requested or self.finishing:  # a second Ctrl-C, or one in the final evaluation: stop now
+        if self.phase == "done":
+            return
+        if self.stop_requested or self.phase == "final":  # a second Ctrl-C, or one in the final evaluation: stop now
             raise KeyboardInterrupt
         self.stop_requested = True
 
@@ -203,23 +204,21 @@ class Trainer:
             The summary also written to ``summary.json``; its ``status`` is ``ok``,
             ``interrupted`` (Ctrl-C / SIGTERM) or ``diverged`` (``health.window_problem``).
         """
-        run, handlers = self._open_run(), {}
+        run = self._open_run()
         try:
             self._prepare(run)
-            handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-            self._train(run)
-            summary = self._finish(run)
+            with cli.signals_to(self._on_signal):
+                self._train(run)
+                summary = self._finish(run)
         except BaseException as exc:
             self._write_failure(run, exc)
             raise
         finally:
             run.close()
-            for s, h in handlers.items():
-                signal.signal(s, h)
         if self.cfg.output.curves and self.dist.main:
             from singlestep.plot import write_run_curves  # lazy: matplotlib only where it is used
 
-            write_run_curves(self.run_dir)  # never fails a run for a picture
+            write_run_curves(self.run_dir)  # never fails a run for a picture, nor is a Ctrl-C there a failure
         self._print(runlog.summary_line(summary))
         return summary
 
@@ -289,7 +288,7 @@ class Trainer:
 
     def _finish(self, run: RunDir) -> dict[str, Any]:
         """The final evaluation, the weights and ``summary.json``."""
-        cfg, self.finishing = self.cfg, True
+        cfg, self.phase = self.cfg, "final"
         with self._evaluating():  # the weights evaluated and saved are the optimizer's eval-mode ones
             final = {split: self._evaluate(s) for split, s in self.data.splits().items()}
             for split, metrics in final.items():
@@ -302,6 +301,7 @@ class Trainer:
         status = "diverged" if self.failure is not None else "interrupted" if interrupted else "ok"
         summary = self._summary(status, self.failure, final)
         run.write_json("summary.json", summary)
+        self.phase = "done"  # summary.json is written: nothing is left to interrupt
         if self.failure is not None:
             last = self._checkpoint_name()
             self._print(f"stopped at step {self.state.step:,}: {self.failure}; "
@@ -338,9 +338,9 @@ class Trainer:
         what it reached and why it ended; never raises (the original error goes on up)."""
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        if status == "interrupted" and self.finishing:  # the loop's end was checkpointed: say how to finish
+        if status == "interrupted" and self.phase == "final":  # the loop's end was checkpointed: say how to finish
             saved = self._checkpoint_name() is not None and self.last_checkpoint == self.state.step
-            error = runlog.interrupted_line(self.state.step, self.total_steps, self.run_dir, saved)
+            error = runlog.interrupted_line(self.state.step, self.total_steps, self.run_dir, saved, self.failure)
             self._print(error)
         try:
             run.write_json("summary.json", self._summary(status, error.strip() or type(exc).__name__, None))

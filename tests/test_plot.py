@@ -252,6 +252,18 @@ def test_write_run_curves_warns_instead_of_failing_the_run(tmp_path):
     assert not (tmp_path / "run" / "curves.png").exists()
 
 
+def test_ctrl_c_while_the_curves_are_drawn_skips_them_with_a_warning(tmp_path, monkeypatch):
+    # The run is finished and saved by then: the interrupt costs the picture, not the exit code.
+    run = make_run(tmp_path / "a")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot, "plot_runs", interrupted)
+    with pytest.warns(UserWarning, match="curves.png not written: interrupted"):
+        assert write_run_curves(run) is None
+
+
 def test_without_matplotlib_no_curves_and_the_cli_says_how_to_install(tmp_path, monkeypatch, capsys):
     run = make_run(tmp_path / "a")
     for name in ["matplotlib", *[m for m in sys.modules if m.startswith("matplotlib.")]]:

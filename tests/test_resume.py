@@ -17,6 +17,7 @@ import torch
 from singlestep import checkpoint
 from singlestep.config import validate
 from singlestep.engine import policy
+from singlestep.runlog import RunDir
 from singlestep.trainer import Resume, Trainer
 from tests.conftest import ROOT, base_config, run_cli
 
@@ -234,7 +235,7 @@ def interrupted_in_final_evaluation(cfg, signum, *, stop_after_calls=None):
     evaluate, calls = trainer._evaluate, [0]
 
     def evaluate_then_signal(split):
-        if trainer.finishing:
+        if trainer.phase == "final":
             os.kill(os.getpid(), signum)
         return evaluate(split)
 
@@ -251,6 +252,9 @@ def interrupted_in_final_evaluation(cfg, signum, *, stop_after_calls=None):
         trainer.engine.run_samples = counted
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
+    # torch's handlers are back, after an interruption as after a run (the API's callers keep theirs)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     return trainer, out.getvalue()
 
 
@@ -278,3 +282,31 @@ def test_a_second_ctrl_c_in_the_final_evaluation_of_a_stopped_run_says_what_is_l
                 f"{trainer.run_dir} trains the 230 steps left and evaluates")  # fmt: skip
     assert expected in printed
     assert json.loads((trainer.run_dir / "summary.json").read_text())["error"] == expected
+
+
+def test_a_diverged_run_interrupted_in_its_final_evaluation_keeps_the_reason(tmp_path):
+    cfg = make_cfg(tmp_path, "run", trainer={"divergence_threshold": 1e-9})
+    trainer, printed = interrupted_in_final_evaluation(cfg, signal.SIGINT)
+    error = json.loads((trainer.run_dir / "summary.json").read_text())["error"]
+    assert error.startswith("stopped at step 40: the training loss") and error in printed
+    assert error.endswith("then interrupted in the final evaluation, at step 40 of 300") and "--resume" not in error
+
+
+def test_a_signal_after_the_summary_is_written_changes_nothing(tmp_path):
+    # A run stopped early (a second signal would raise) has written its summary: a signal now
+    # neither replaces the summary with a failure nor makes fit() raise.
+    trainer = Trainer(make_cfg(tmp_path, "run"), out=open(os.devnull, "w"))
+    trainer.stop_requested = True  # as after a first Ctrl-C: the loop ends at once
+    write_json = RunDir.write_json
+
+    def write_then_signal(run, name, data):
+        write_json(run, name, data)
+        if name == "summary.json" and trainer.phase == "final":
+            trainer.phase = "done"  # what _finish sets next
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunDir, "write_json", write_then_signal)
+        summary = trainer.fit()
+    saved = json.loads((trainer.run_dir / "summary.json").read_text())
+    assert summary["status"] == saved["status"] == "interrupted" and saved["final"] is not None and saved["error"] is None
