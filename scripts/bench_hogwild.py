@@ -64,8 +64,9 @@ def run(engine: str, workers: int, epochs: int, out: Path, copies: int = 1) -> l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2, help="hogwild processes to compare with one (default 2)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2, help="hogwild processes to compare with one")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs of each configuration, alternated")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     args = parser.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
                 rates = " + ".join(f"{r['rate']:,.0f}" for r in apart)
                 print(f"{engine:8} {n} one-process runs at once: {rates} steps/s "
                       f"= {ceiling[engine][-1]:.2f}x one alone", flush=True)  # fmt: skip
-        print(f"\nspeed-up with {n} workers (best of {args.rounds} rounds each side):")
+        print(f"\nspeed-up with {n} workers (best of {args.rounds} round{'s' * (args.rounds > 1)} each side):")
         for engine in ("eager", "compiled"):
             one, many = results[engine, "one"], results[engine, "hogwild"]
             best = lambda rs, key, f: f(r[key] for r in rs)  # noqa: E731

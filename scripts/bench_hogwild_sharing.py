@@ -1,5 +1,7 @@
-"""What sharing the weights costs hogwild, with the CLI taken out: the compiled engine of
-``configs/fashion_mnist_linear_per_sample.yaml`` built in this process, then per round
+"""What sharing the weights costs hogwild, measured without the CLI.
+
+The engine of ``configs/fashion_mnist_linear_per_sample.yaml`` is built in this process, then per
+round:
 
 - one process running 165k steps in blocks of ``--block`` (as each hogwild process does);
 - two processes at once, each running half of them in blocks, sharing nothing;
@@ -8,7 +10,8 @@
     python scripts/bench_hogwild_sharing.py [--block 64] [--rounds 3] [--engine compiled]
 
 Run it under the CLI's allocator for the CLI's figures (``LD_PRELOAD=libtcmalloc_minimal.so.4``;
-singlestep/malloc.py). The first run compiles the chunk (~40 s); later runs load it from the cache.
+singlestep/malloc.py). The first compiled run compiles the chunk (tens of seconds); later runs load
+it from the cache.
 Needs the Fashion-MNIST files.
 """
 
@@ -33,10 +36,11 @@ CONFIG = ROOT / "configs" / "fashion_mnist_linear_per_sample.yaml"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--block", type=int, default=64, help="steps per block (trainer.chunk_size)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--engine", default="compiled", choices=["compiled", "eager"])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three measurements")
+    parser.add_argument("--engine", default="compiled", choices=["compiled", "eager"], help="the engine each process runs")
     args = parser.parse_args()
     torch.set_flush_denormal(True)  # as the trainer does
     torch.set_num_threads(1)  # as every hogwild process does

@@ -264,8 +264,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         resumed = f" | resumed at step {self.state.step:,} from {resume.path.name}" if resume is not None else ""
         if resume is not None and self.state.step == self.total_steps:
-            self._print(f"nothing to train: the run is at step {self.total_steps:,}, where trainer.epochs "
-                        f"({t.epochs}) and trainer.max_steps ({t.max_steps}) end it; raise them to train on")  # fmt: skip
+            self._print(f"nothing to train: the run is at step {self.total_steps:,}, where trainer.epochs ({t.epochs}) and "
+                        f"trainer.max_steps ({t.max_steps}) end it (raise them to train on); evaluating it")  # fmt: skip
         self._print(
             f"run {self.run_dir} | model {cfg.model.name} ({n_params:,} params) | data {cfg.data.name} "
             f"({len(self.data.train):,} train) | optimizer {cfg.optimizer.name}: {self.decay_counts['decay']} tensors "
@@ -285,6 +285,7 @@ class Trainer:
         finally:
             progress.close()
             self.engine.close()
+            self.train_seconds, self._loop_started = self._train_seconds(), None  # the final evaluation is not training
 
     def _finish(self, run: RunDir) -> dict[str, Any]:
         """The final evaluation, the weights and ``summary.json``."""
@@ -309,7 +310,7 @@ class Trainer:
         return summary
 
     def _summary(self, status: str, error: str | None, final: dict[str, Any] | None) -> dict[str, Any]:
-        train_seconds = self._train_seconds() if hasattr(self, "_loop_started") else self.train_seconds
+        train_seconds = self._train_seconds() if getattr(self, "_loop_started", None) else self.train_seconds
         return {
             "name": self.cfg.name,
             "run_dir": str(self.run_dir),
@@ -388,6 +389,8 @@ class Trainer:
                 state.order = None
             if state.step < self.total_steps:  # the end's evaluations and log come with the final ones
                 self._boundary(run, progress)
+        if self.stop_requested and state.step < self.total_steps:
+            self._print(f"stopping at step {state.step:,}: a checkpoint, the final evaluation (Ctrl-C again: now)")
         if self.failure is None and state.step != self.last_checkpoint:
             # At the end, or on Ctrl-C / SIGTERM: the window's unread statistics go into it, so
             # the line logged next (and cut from metrics.jsonl on a resume) is not lost. Not after
@@ -431,9 +434,6 @@ class Trainer:
         n = len(self.data.train)
         return self.state.epoch + (self.state.pos / n if self.state.order is not None else 0.0)
 
-    def _lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
     def _window(self) -> tuple[int, float]:
         """The open log window's samples and seconds (a checkpoint carries them)."""
         started = getattr(self, "_window_start", None)  # None: before the loop
@@ -446,7 +446,7 @@ class Trainer:
         self.skipped_steps += stats["skipped_steps"]
         self.last_train_loss = stats["loss"]
         event = {"event": "train", "step": self.state.step, "epoch": round(self._epoch_float(), 6), "split": "train",
-                 "loss": stats["loss"], "lr": self._lr(), "grad_norm": stats["grad_norm"],
+                 "loss": stats["loss"], "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": stats["grad_norm"],
                  "grad_norm_max": stats["grad_norm_max"], "skipped_steps": stats["skipped_steps"],
                  "samples_per_second": samples / elapsed if elapsed > 0 and samples else None}  # fmt: skip
         run.log(event)

@@ -310,3 +310,28 @@ def test_a_signal_after_the_summary_is_written_changes_nothing(tmp_path):
         summary = trainer.fit()
     saved = json.loads((trainer.run_dir / "summary.json").read_text())
     assert summary["status"] == saved["status"] == "interrupted" and saved["final"] is not None and saved["error"] is None
+
+
+def test_a_first_signal_says_the_run_is_stopping(tmp_path):
+    out = io.StringIO()
+    trainer = Trainer(make_cfg(tmp_path, "run"), out=out)
+    inner, calls = trainer.engine.run_samples, [0]
+
+    def counted(idx):
+        inner(idx)
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.engine.run_samples = counted
+    assert trainer.fit()["status"] == "interrupted"
+    assert "stopping at step 70: a checkpoint, the final evaluation (Ctrl-C again: now)" in out.getvalue()
+
+
+def test_train_seconds_leave_out_the_final_evaluation(tmp_path):
+    # A final evaluation that takes 2 s counts in the wall time, not in the training time.
+    trainer = Trainer(make_cfg(tmp_path, "run"), out=open(os.devnull, "w"))
+    evaluate = trainer._evaluate
+    trainer._evaluate = lambda split: (time.sleep(1.0), evaluate(split))[1] if trainer.phase == "final" else evaluate(split)
+    summary = trainer.fit()  # two splits: val and test
+    assert summary["wall_seconds"] - summary["train_seconds"] >= 2.0
