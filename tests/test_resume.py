@@ -36,21 +36,26 @@ def make_cfg(tmp_path, name, *, trainer=None, output=None, **changes):
     return validate(cfg, "test.yaml")
 
 
+def sigterm_after_calls(trainer: Trainer, n: int) -> None:
+    """A real SIGTERM arrives after ``n`` of the trainer's engine calls."""
+    engine, calls = trainer.engine, [0]
+    name = "run_samples" if trainer.cfg.trainer.mode == "per_sample" else "run_batch"
+    inner = getattr(engine, name)
+
+    def counted(*args, **kwargs):
+        inner(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    setattr(engine, name, counted)
+
+
 def run(cfg, *, stop_after_calls=None, resume=None) -> Trainer:
     """Train; with ``stop_after_calls`` a real SIGTERM arrives after that many engine calls."""
     trainer = Trainer(cfg, out=open(os.devnull, "w"), resume=resume)
     if stop_after_calls is not None:
-        engine, calls = trainer.engine, [0]
-        name = "run_samples" if cfg.trainer.mode == "per_sample" else "run_batch"
-        inner = getattr(engine, name)
-
-        def counted(*args, **kwargs):
-            inner(*args, **kwargs)
-            calls[0] += 1
-            if calls[0] == stop_after_calls:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        setattr(engine, name, counted)
+        sigterm_after_calls(trainer, stop_after_calls)
     trainer.fit()
     return trainer
 
@@ -232,7 +237,7 @@ def interrupted_in_final_evaluation(cfg, signum, *, stop_after_calls=None):
     ``stop_after_calls`` engine calls). Returns the trainer and what it printed."""
     out = io.StringIO()
     trainer = Trainer(cfg, out=out)
-    evaluate, calls = trainer._evaluate, [0]
+    evaluate = trainer._evaluate
 
     def evaluate_then_signal(split):
         if trainer.phase == "final":
@@ -241,15 +246,7 @@ def interrupted_in_final_evaluation(cfg, signum, *, stop_after_calls=None):
 
     trainer._evaluate = evaluate_then_signal
     if stop_after_calls is not None:
-        inner = trainer.engine.run_samples
-
-        def counted(idx):
-            inner(idx)
-            calls[0] += 1
-            if calls[0] == stop_after_calls:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        trainer.engine.run_samples = counted
+        sigterm_after_calls(trainer, stop_after_calls)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     # torch's handlers are back, after an interruption as after a run (the API's callers keep theirs)
@@ -315,15 +312,7 @@ def test_a_signal_after_the_summary_is_written_changes_nothing(tmp_path):
 def test_a_first_signal_says_the_run_is_stopping(tmp_path):
     out = io.StringIO()
     trainer = Trainer(make_cfg(tmp_path, "run"), out=out)
-    inner, calls = trainer.engine.run_samples, [0]
-
-    def counted(idx):
-        inner(idx)
-        calls[0] += 1
-        if calls[0] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    trainer.engine.run_samples = counted
+    sigterm_after_calls(trainer, 3)
     assert trainer.fit()["status"] == "interrupted"
     assert "stopping at step 70: a checkpoint, the final evaluation (Ctrl-C again: now)" in out.getvalue()
 
